@@ -49,7 +49,466 @@ _LB_SCALE = {m: (1.0 if m == "text" else 100.0) for m in _IB_SCALE}
 DNS_FEATURE_SCALE = {"imagebind": _IB_SCALE, "languagebind": _LB_SCALE, "unibind": _IB_SCALE}
 
 
+def parse_dns_steps(items: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """Parse `dataset:modA-modB` items into (dataset, modA, modB); modality names must be known."""
+    steps = []
+    for item in items:
+        m = re.fullmatch(r"([^:\s]+):([a-z]+)-([a-z]+)", item)
+        if m is None:
+            raise DataError(f"--steps item '{item}': expected 'dataset:modA-modB', e.g. 'esc50:text-audio'")
+        ds, a, b = m.groups()
+        for mod in (a, b):
+            if mod not in DNS_MODALITY_ORDER:
+                raise DataError(f"--steps item '{item}': unknown modality '{mod}' (known: {', '.join(DNS_MODALITY_ORDER)})")
+        if a == b:
+            raise DataError(f"--steps item '{item}': a step needs two different modalities")
+        steps.append((ds, a, b))
+    if not steps:
+        raise DataError("--steps: no steps given")
+    return steps
+
+
+def _orth(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """n x k matrix with orthonormal columns (seeded)."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return q[:, :k]
+
+
+def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], seed: int = 0, scale: float = 0.1,
+                       dim: Optional[int] = None, latent: int = 64, subspace: int = 16, gap: float = 0.55,
+                       shift: float = 1.5, within: float = 0.7, noise: float = 0.8, pair_clusters: int = 100,
+                       pair_within: float = 0.3, noise_dim: int = 64
+                       ) -> Dict[str, dict]:
+    """Synthetic stand-in for a backbone's pre-extracted features on the paper's datasets.
+
+    Every sample has a semantic latent h (dim `latent`); each dataset draws h from its own `subspace`-dim
+    slice of the latent space (slices overlap across datasets) around a class centre: the real classes
+    where the dataset has labels, else `pair_clusters` hidden clusters (similar captions / scenes, which
+    make retrieval ambiguous). Modality m of dataset ds renders h as
+        x = s_m * normalize(U_m D_{m,ds} h + mu_{m,ds} + noise),
+    U_m = the modality's basis (a shared joint-space basis plus a modality gap, so identity projections
+    already align modalities partly), D_{m,ds} = a dataset-specific distortion near identity (the domain
+    shift that makes re-training a shared modality forget), mu = a domain offset, s_m = the backbone's
+    feature scale (spec 1.1), noise = isotropic in a `noise_dim`-dim subspace specific to (m, ds), so
+    every dataset's features occupy a low-rank, partly dataset-specific subspace, as real backbone
+    features do (they are not isotropic). Class-labelled text is the class name: one noise-free vector per class,
+    which is also the zero-shot prototype. Train sizes = the real datasets' sizes times `scale`, test sizes
+    times sqrt(scale) (so retrieval keeps a realistic number of candidates); floors 128 / 64.
+    Returns {dataset: {"train": split, "test": split}}, split = {"feats": {mod: float32 [N, d]},
+    "label": int64 [N] or None, "class_text": float32 [C, d] or None}.
+    """
+    if backbone not in DNS_BACKBONE_DIM:
+        raise DataError(f"unknown backbone '{backbone}' (known: {', '.join(DNS_BACKBONE_DIM)})")
+    d = dim or DNS_BACKBONE_DIM[backbone]
+    rng = np.random.default_rng([seed, list(DNS_BACKBONE_DIM).index(backbone)])
+    joint = _orth(rng, d, latent)
+    U = {m: np.linalg.qr(joint + gap * rng.standard_normal((d, latent)) / np.sqrt(d))[0] for m in DNS_MODALITY_ORDER}
+    out = {}
+    for ds in dict.fromkeys(s[0] for s in steps):
+        if ds not in DNS_DATASETS:
+            raise DataError(f"dataset '{ds}' is not in the built-in benchmark ({', '.join(DNS_DATASETS)}); pass --data-dir")
+        mods, n_cls, n_train, n_test = DNS_DATASETS[ds]
+        V = _orth(rng, latent, subspace)
+        centres = (V @ rng.standard_normal((subspace, n_cls or pair_clusters)) / np.sqrt(subspace)).T
+        render = {m: (np.eye(latent) + shift * rng.standard_normal((latent, latent)) / np.sqrt(latent),
+                      0.3 * rng.standard_normal(d) / np.sqrt(d), _orth(rng, d, noise_dim)) for m in mods}
+
+        def feats(m, h, eps):
+            D, mu, E = render[m]
+            x = h @ D.T @ U[m].T + mu + eps * rng.standard_normal((len(h), noise_dim)) @ E.T / np.sqrt(noise_dim)
+            return (DNS_FEATURE_SCALE[backbone][m] * x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+        out[ds] = {}
+        for split, n in (("train", max(128, round(n_train * scale))), ("test", max(64, round(n_test * min(1.0, scale ** 0.5))))):
+            y = rng.integers(0, len(centres), n)
+            h = centres[y] + (within if n_cls else pair_within) * rng.standard_normal((n, subspace)) @ V.T / np.sqrt(subspace)
+            split_feats = {m: feats(m, h, noise) for m in mods if not (m == "text" and n_cls)}
+            class_text = None
+            if n_cls and "text" in mods:  # text = class name: one vector per class, also the prototype
+                class_text = feats("text", centres, 0.0)
+                split_feats["text"] = class_text[y]
+            out[ds][split] = {"feats": split_feats, "label": y if n_cls else None, "class_text": class_text}
+    return out
+
+
+def _load_npz(path: str) -> Dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # bad zip, pickled object arrays, ...
+        raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
+
+
+def load_dns_split(path: str, needed: Sequence[str]) -> dict:
+    """Read and validate one `{dataset}_{split}.npz` file (format in README, section DNS)."""
+    z = _load_npz(path)
+    extra = {"label", "class_names", "class_text"}
+    unknown = [k for k in z if k not in DNS_MODALITY_ORDER and k not in extra]
+    if unknown:
+        raise DataError(f"{path}: unknown array(s) {unknown} (expected modality names {DNS_MODALITY_ORDER} or {sorted(extra)})")
+    for m in needed:
+        if m not in z:
+            raise DataError(f"{path}: missing modality array '{m}' (has {sorted(z)})")
+    feats = {}
+    for m in [k for k in DNS_MODALITY_ORDER if k in z]:
+        a = z[m]
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
+            raise DataError(f"{path}: array '{m}' must be float [N, d], got {a.dtype} {list(a.shape)}")
+        check_finite(f"{path}: array '{m}'", a)
+        feats[m] = a.astype(np.float32)
+    lengths = {m: len(a) for m, a in feats.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: arrays of different lengths {lengths} (row i of every array is one paired sample)")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise DataError(f"{path}: empty split (0 samples)")
+    label, class_text = z.get("label"), z.get("class_text")
+    if class_text is not None:
+        if "text" not in feats or class_text.ndim != 2 or class_text.shape[1] != feats["text"].shape[1]:
+            d_text = feats["text"].shape[1] if "text" in feats else "no text array"
+            raise DataError(f"{path}: class_text has shape {list(class_text.shape)}, expected [C, {d_text}] (the text dim)")
+        check_finite(f"{path}: class_text", class_text)
+        class_text = class_text.astype(np.float32)
+    if label is not None:
+        if label.shape != (n,) or not np.issubdtype(label.dtype, np.integer):
+            raise DataError(f"{path}: label must be int [{n}], got {label.dtype} {list(label.shape)}")
+        n_cls = len(class_text) if class_text is not None else len(z["class_names"]) if "class_names" in z else None
+        if label.min() < 0 or (n_cls is not None and label.max() >= n_cls):
+            raise DataError(f"{path}: label out of range [{label.min()}, {label.max()}] for {n_cls} classes")
+        label = label.astype(np.int64)
+    return {"feats": feats, "label": label, "class_text": class_text}
+
+
+def load_dns_features(data_dir: str, steps: Sequence[Tuple[str, str, str]]) -> Dict[str, dict]:
+    """Load `{data_dir}/{dataset}_{train,test}.npz` for every dataset in `steps`; same layout as the builder."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: --data-dir is not a directory")
+    out, dims = {}, {}
+    for ds in dict.fromkeys(s[0] for s in steps):
+        needed = sorted({m for s in steps if s[0] == ds for m in s[1:]})
+        out[ds] = {split: load_dns_split(os.path.join(data_dir, f"{ds}_{split}.npz"), needed) for split in ("train", "test")}
+        for split in ("train", "test"):
+            for m, a in out[ds][split]["feats"].items():
+                where = os.path.join(data_dir, f"{ds}_{split}.npz")
+                if dims.setdefault(m, (a.shape[1], where))[0] != a.shape[1]:
+                    raise DataError(f"{where}: modality '{m}' has dim {a.shape[1]} but {dims[m][0]} in {dims[m][1]}")
+    return out
+
+
 # ============================================================================= COMET (comet.py)
+# Built-in world (spec 5.1): pre-extracted feature sequences [N, T, d_m] rendered from shared hidden
+# class semantics through one fixed random nonlinear "renderer" per modality.
+COMET_DIMS = {"video": 64, "audio": 32, "text": 48, "image": 64}
+COMET_LETTERS = {"V": "video", "A": "audio", "T": "text", "I": "image"}
+COMET_PAIR_CLASSES = {"VT": (0, 12), "AT": (4, 16), "IT": (8, 20)}  # overlapping, never revisited
+COMET_VA_CLASSES = (4, 12)  # the only classes both video and audio ever see (each through text)
+COMET_IA_CLASSES = (8, 16)
+COMET_N_CLASSES, COMET_D_LAT, COMET_D_STY = 20, 16, 8
+
+
+def comet_pair_modalities(name: str) -> List[str]:
+    """'vt_train' -> ['video', 'text'] (file/dataset name to its two modalities)."""
+    return [COMET_LETTERS[c] for c in name.split("_")[0].upper()]
+
+
+def comet_world(seed: int, shared: float = 0.3, dom: float = 1.5, hidden: int = 64) -> dict:
+    """Class prototypes u_c = s*b + (1-s)*g_c, background/filler prototypes, per-dataset text-domain
+    offsets delta_k and one fixed renderer (W1, W2) per modality; all from `seed`."""
+    rng = np.random.default_rng([seed, 0])
+    d_in = COMET_D_LAT + COMET_D_STY
+    world = {
+        "proto": shared * rng.standard_normal(COMET_D_LAT) + (1 - shared) * rng.standard_normal((COMET_N_CLASSES, COMET_D_LAT)),
+        "bg": rng.standard_normal(COMET_D_LAT),
+        "filler": rng.standard_normal((3, COMET_D_LAT)),
+        "domain": {p: dom * rng.standard_normal(COMET_D_STY) for p in COMET_PAIR_CLASSES},
+        "render": {},
+    }
+    for m, d in COMET_DIMS.items():
+        world["render"][m] = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in), rng.standard_normal((hidden, d)) / np.sqrt(hidden))
+    return world
+
+
+def comet_sample(world: dict, rng, mods: Sequence[str], y: np.ndarray, T: int, sty: float, noise: float,
+                 domain: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Paired samples of class y: video/audio get a shared event window (background elsewhere), text is
+    caption-like (class token w.p. 0.7 else filler, style 0.3*n + delta_domain), image is static.
+    A per-pair instance offset (0.5*N(0,I)) is shared by both members, so instance retrieval is possible."""
+    n = len(y)
+    inst = 0.5 * rng.standard_normal((n, 1, COMET_D_LAT))
+    start, length = rng.integers(0, 5, n), rng.integers(5, 11, n)
+    t = np.arange(T)[None]
+    event = (t >= start[:, None]) & (t < (start + length)[:, None])
+    cls = world["proto"][y][:, None] + inst  # [n, 1, d_lat]
+    out = {"label": y.astype(np.int64), "event": event}
+    for m in mods:
+        eps = rng.standard_normal((n, T, COMET_D_LAT))
+        if m in ("video", "audio"):
+            s = np.where(event[..., None], cls, world["bg"]) + noise * eps
+        elif m == "image":
+            s = np.broadcast_to(cls, (n, T, COMET_D_LAT)) + noise * eps
+        else:  # text
+            filler = world["filler"][rng.integers(0, 3, (n, T))]
+            s = np.where(rng.random((n, T, 1)) < 0.7, cls, filler) + 0.2 * eps
+        style = rng.standard_normal((n, 1, COMET_D_STY))
+        style = 0.3 * style + world["domain"][domain] if m == "text" else sty * style
+        w1, w2 = world["render"][m]
+        h = np.tanh(np.concatenate([s, np.broadcast_to(style, (n, T, COMET_D_STY))], -1) @ w1)
+        out[m] = (h @ w2 + 0.05 * rng.standard_normal((n, T, w2.shape[1]))).astype(np.float32)
+    return out
+
+
+def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_test: int = 200, T: int = 10,
+                    sty: float = 2.0, noise: float = 0.45, shared: float = 0.3, dom: float = 1.5) -> Dict[str, dict]:
+    """All COMET datasets, keyed like the npz files: {vt,at,it}_{train,test}, va_{train,test}, ia_test.
+    va_* hold 8 balanced classes (labels 0..7, step_label -1 = background); each dataset has its own
+    random stream, so changing one size leaves the others unchanged."""
+    world = comet_world(seed, shared=shared, dom=dom)
+    data = {}
+    for i, (pair, (lo, hi)) in enumerate(COMET_PAIR_CLASSES.items()):
+        mods = comet_pair_modalities(pair)
+        for j, (split, n) in enumerate((("train", n_pairs), ("test", n_test))):
+            rng = np.random.default_rng([seed, 1, i, j])
+            data[f"{pair.lower()}_{split}"] = comet_sample(world, rng, mods, rng.integers(lo, hi, n), T, sty, noise, pair)
+    for j, split in enumerate(("train", "test")):
+        rng = np.random.default_rng([seed, 2, j])
+        lo, hi = COMET_VA_CLASSES
+        d = comet_sample(world, rng, ["video", "audio"], rng.permutation(np.repeat(np.arange(lo, hi), n_per_class)), T, sty, noise)
+        d["label"] = d["label"] - lo
+        d["step_label"] = np.where(d["event"], d["label"][:, None], -1)
+        data[f"va_{split}"] = d
+    rng = np.random.default_rng([seed, 3])
+    data["ia_test"] = comet_sample(world, rng, ["image", "audio"], rng.integers(*COMET_IA_CLASSES, n_test), T, sty, noise)
+    for d in data.values():
+        d.pop("event")
+    return data
+
+
+def _comet_check_file(path: str, name: str, dims: Dict[str, int], T: Optional[int]) -> Tuple[dict, int]:
+    """Read and validate one {pair}_{split}.npz; return (arrays, T)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected arrays {comet_pair_modalities(name)} of shape [N, T, d])")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    except Exception as e:  # zip / format errors
+        raise DataError(f"{path}: cannot read npz ({e})")
+    out, n = {}, None
+    for m in comet_pair_modalities(name):
+        if m not in raw:
+            raise DataError(f"{path}: missing array '{m}' (found: {sorted(raw)})")
+        a = raw[m]
+        if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating):
+            raise DataError(f"{path}: '{m}' must be a float array [N, T, d], got {a.dtype} {a.shape}")
+        check_finite(f"{path}: '{m}'", a)
+        n = a.shape[0] if n is None else n
+        T = a.shape[1] if T is None else T
+        if a.shape[0] != n or a.shape[1] != T or a.shape[0] < 2:
+            raise DataError(f"{path}: '{m}' has shape {a.shape}; expected N={n} (>= 2) samples and T={T} steps")
+        if dims.setdefault(m, a.shape[2]) != a.shape[2]:
+            raise DataError(f"{path}: '{m}' has feature dim {a.shape[2]}, other files have {dims[m]}")
+        out[m] = a.astype(np.float32)
+    for key, shape in (("label", (n,)), ("step_label", (n, T))):
+        if key in raw:
+            a = raw[key]
+            if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
+                raise DataError(f"{path}: '{key}' must be an integer array of shape {shape}, got {a.dtype} {a.shape}")
+            if a.min() < (-1 if key == "step_label" else 0):
+                raise DataError(f"{path}: '{key}' has negative values (only step_label may use -1 = background)")
+            out[key] = a.astype(np.int64)
+    return out, T
+
+
+def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
+    """Load `{pair}_{split}.npz` from data_dir: {p}_train for every stage pair p and va_train / va_test
+    (both with 'label'; 'step_label' [N, T] optional) are required; {vt,at,it,ia}_test are optional
+    (retrieval is skipped for a missing pair). Raises DataError naming the file and the problem."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: data directory not found")
+    dims, T, data = {}, None, {}
+    names = [f"{p.lower()}_train" for p in pairs] + ["va_train", "va_test"]
+    names += [n for n in ("vt_test", "at_test", "it_test", "ia_test") if os.path.isfile(os.path.join(data_dir, n + ".npz"))]
+    for name in names:
+        path = os.path.join(data_dir, name + ".npz")
+        data[name], T = _comet_check_file(path, name, dims, T)
+    for name in ("va_train", "va_test"):
+        if "label" not in data[name]:
+            raise DataError(f"{os.path.join(data_dir, name + '.npz')}: missing array 'label' [N] (needed for V<->A classification)")
+    n_cls = int(data["va_train"]["label"].max()) + 1
+    for name in ("va_train", "va_test"):
+        d, path = data[name], os.path.join(data_dir, name + ".npz")
+        if d["label"].max() >= n_cls or ("step_label" in d and d["step_label"].max() >= n_cls):
+            raise DataError(f"{path}: labels must lie in 0..{n_cls - 1} (the classes of va_train.npz)")
+    return data
+
 
 
 # ============================================================================= MoDE (mode.py)
+# A toy "unified" world: one joint vocabulary of text ids followed by discrete image codes. An image is a
+# 4x4 grid of codes (a shape mask filled with a colour code on a background code); captions name colour,
+# shape and background; understanding tasks are single-token VQA. Every stream is a dict of int arrays
+# tokens [N, L], modality [N, L] (1 from <boi> to <eoi> inclusive, else 0) and loss_mask [N, L] (1 where
+# the token is a target, predicted from the prefix; trailing <pad> = 0 with mask 0), the --data-dir format.
+MODE_COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
+MODE_SHAPES = ["circle", "square", "cross", "ring", "bar", "arrow", "heart", "star"]
+MODE_BACKGROUNDS = ["white", "sand", "grey", "night"]
+MODE_COUNTS = [str(n) for n in range(3, 11)]  # foreground-cell counts of the 8 shape masks
+MODE_TASKS = ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz"]  # the paper's CoIN order
+MODE_TEXT = (["<pad>", "<bos>", "<sep>", "<boi>", "<eoi>", "<cap>"] + MODE_COLOURS + MODE_SHAPES + MODE_BACKGROUNDS
+             + MODE_COUNTS + ["unanswerable"] + [f"<q:{t}>" for t in MODE_TASKS])
+MODE_IMAGE_LO = len(MODE_TEXT)  # image codes: 4 background codes, then 8 colour codes
+MODE_VOCAB = MODE_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
+MODE_STREAMS = ["pretrain", "reference_train", "reference_test"] + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")]
+_MODE_ID = {w: i for i, w in enumerate(MODE_TEXT)}
+
+
+def mode_shape_masks() -> np.ndarray:
+    """The 8 fixed 4x4 shape masks [8, 16] (bool), sizes 3..10, pairwise Hamming distance >= 3."""
+    rng = np.random.default_rng(1234)  # fixed: the world is the same for every run seed
+    masks = []
+    while len(masks) < 8:
+        m = np.zeros(16, bool)
+        m[rng.choice(16, 3 + len(masks), replace=False)] = True
+        if all((m != o).sum() >= 3 for o in masks):
+            masks.append(m)
+    return np.stack(masks)
+
+
+def mode_answer(task: str, c: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Answer token per sample. Question types differ; answer vocabularies partly overlap."""
+    col = np.array([_MODE_ID[w] for w in MODE_COLOURS])[c]
+    shp = np.array([_MODE_ID[w] for w in MODE_SHAPES])[s]
+    if task == "scienceqa":  # what colour is the object?
+        return col
+    if task == "textvqa":  # how many foreground cells ("read the number")?
+        return np.array([_MODE_ID[w] for w in MODE_COUNTS])[s]
+    if task == "imagenet":  # what object class is it?
+        return shp
+    if task == "gqa":  # compositional: colour on a light background, object class on a dark one
+        return np.where(b < 2, col, shp)
+    if task == "vizwiz":  # what is the background? unanswerable when it is night
+        bg = np.array([_MODE_ID[w] for w in MODE_BACKGROUNDS])[b]
+        return np.where(b == 3, _MODE_ID["unanswerable"], bg)
+    raise DataError(f"unknown MoDE task '{task}'")
+
+
+def _mode_images(c, s, b) -> np.ndarray:
+    masks = mode_shape_masks()[s]
+    return np.where(masks, MODE_IMAGE_LO + 4 + c[:, None], MODE_IMAGE_LO + b[:, None])
+
+
+def _mode_pack(parts: List[np.ndarray], img_at: int, targets: slice, length: int = 24) -> Dict[str, np.ndarray]:
+    body = np.concatenate([p if p.ndim == 2 else p[:, None] for p in parts], 1)
+    n, l = body.shape
+    tokens = np.zeros((n, length), np.int64)
+    tokens[:, :l] = body
+    modality = np.zeros_like(tokens)
+    modality[:, img_at:img_at + 18] = 1  # <boi> 16 codes <eoi>
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[:, targets] = 1
+    return {"tokens": tokens, "modality": modality, "loss_mask": loss_mask}
+
+
+def mode_sequences(kind: str, c, s, b) -> Dict[str, np.ndarray]:
+    """Build one stream: kind = 'caption', 't2i' or a task name. Attributes c, s, b are int arrays [N]."""
+    n, tok = len(c), lambda w: np.full(len(c), _MODE_ID[w])
+    img = np.concatenate([tok("<boi>")[:, None], _mode_images(c, s, b), tok("<eoi>")[:, None]], 1)
+    words = lambda names, idx: np.array([_MODE_ID[w] for w in names])[idx]
+    if kind == "caption":  # <bos> <boi> img <eoi> <cap> <sep> colour shape background
+        out = _mode_pack([tok("<bos>"), img, tok("<cap>"), tok("<sep>"), words(MODE_COLOURS, c),
+                          words(MODE_SHAPES, s), words(MODE_BACKGROUNDS, b)], 1, slice(21, 24))
+    elif kind == "t2i":  # <bos> colour shape <sep> <boi> img <eoi>; targets = the 16 codes
+        out = _mode_pack([tok("<bos>"), words(MODE_COLOURS, c), words(MODE_SHAPES, s), tok("<sep>"), img], 4, slice(5, 21))
+    else:  # <bos> <boi> img <eoi> <q:task> <sep> answer
+        out = _mode_pack([tok("<bos>"), img, tok(f"<q:{kind}>"), tok("<sep>"), mode_answer(kind, c, s, b)], 1, slice(21, 22))
+    out.update(colour=np.asarray(c), shape=np.asarray(s), background=np.asarray(b))
+    return out
+
+
+def make_mode_world(seed: int, n_pretrain: int = 4096, n_train: int = 2048, n_test: int = 512) -> Dict[str, dict]:
+    """All built-in streams. Pre-training mixes captioning and text-to-image over all 256 images; the VQA
+    tasks train on 192 (colour, shape, background) combinations and test on the 64 held-out ones."""
+    rng = np.random.default_rng(seed)
+    held = lambda c, s, b: (c + s + b) % 4 == 0
+
+    def draw(n, split=None):
+        c, s, b = rng.integers(0, 8, 8 * n), rng.integers(0, 8, 8 * n), rng.integers(0, 4, 8 * n)
+        keep = np.ones(8 * n, bool) if split is None else held(c, s, b) == (split == "test")
+        return c[keep][:n], s[keep][:n], b[keep][:n]
+
+    cap, t2i = mode_sequences("caption", *draw(n_pretrain)), mode_sequences("t2i", *draw(n_pretrain))
+    world = {"pretrain": {k: np.concatenate([cap[k], t2i[k]]) for k in cap},
+             "reference_train": mode_sequences("t2i", *draw(n_train)),
+             "reference_test": mode_sequences("t2i", *draw(n_test))}
+    for t in MODE_TASKS:
+        for split, n in (("train", n_train), ("test", n_test)):
+            world[f"{t}_{split}"] = mode_sequences(t, *draw(n, split))
+    return world
+
+
+def mode_read_image(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Oracle for generated grids [N, 16]: (well_formed, colour, shape); colour/shape = -1 if malformed.
+    Well-formed = the cells hold exactly one background code and one colour code, and the colour cells
+    form one of the 8 shape masks exactly."""
+    masks, n = mode_shape_masks(), len(codes)
+    ok, col, shp = np.zeros(n, bool), np.full(n, -1), np.full(n, -1)
+    for i, g in enumerate(codes - MODE_IMAGE_LO):
+        fg, bg = g[g >= 4], g[(g >= 0) & (g < 4)]
+        hit = np.where((masks == (g >= 4)).all(1))[0]
+        if len(fg) + len(bg) == 16 and len(set(fg)) == 1 and len(set(bg)) == 1 and len(hit) == 1:
+            ok[i], col[i], shp[i] = True, fg[0] - 4, hit[0]
+    return ok, col, shp
+
+
+def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
+    """Read a --data-dir for mode.py: meta.json + one .npz per stream (see mode.py's docstring).
+    Returns (meta, streams); raises DataError naming the file and the problem."""
+    import json
+
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: --data-dir is not a directory")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: cannot read meta.json ({e})") from e
+    V, lo, tasks = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("tasks")
+    if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
+        raise DataError(f"{meta_path}: need ints vocab_size and image_token_start with 0 < image_token_start < vocab_size")
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise DataError(f"{meta_path}: 'tasks' must be a non-empty list of task names")
+    streams = {}
+    for name in ["pretrain", "reference_train", "reference_test"] + [f"{t}_{s}" for t in tasks for s in ("train", "test")]:
+        streams[name] = _mode_load_stream(os.path.join(data_dir, f"{name}.npz"), V, max_len)
+    return {"vocab_size": V, "image_token_start": lo, "tasks": tasks}, streams
+
+
+def _mode_load_stream(path: str, V: int, max_len: int) -> Dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
+    for k in ("tokens", "modality", "loss_mask"):
+        if k not in d:
+            raise DataError(f"{path}: missing array '{k}' (has {sorted(d)})")
+        if d[k].ndim != 2 or not np.issubdtype(d[k].dtype, np.integer):
+            raise DataError(f"{path}: '{k}' must be an int array [N, L], got {d[k].dtype} {list(d[k].shape)}")
+    t, m, lm = d["tokens"], d["modality"], d["loss_mask"]
+    if not (t.shape == m.shape == lm.shape) or t.shape[0] == 0:
+        raise DataError(f"{path}: tokens/modality/loss_mask must share one non-empty shape, got "
+                        f"{list(t.shape)}, {list(m.shape)}, {list(lm.shape)}")
+    if t.shape[1] > max_len:
+        raise DataError(f"{path}: sequence length {t.shape[1]} exceeds --max-len {max_len}")
+    if t.min() < 0 or t.max() >= V:
+        raise DataError(f"{path}: token ids out of range [{t.min()}, {t.max()}] for vocab_size {V}")
+    for k, a in (("modality", m), ("loss_mask", lm)):
+        if not np.isin(a, (0, 1)).all():
+            raise DataError(f"{path}: '{k}' must hold only 0/1")
+    if lm[:, 0].any() or (lm.sum(1) == 0).any():
+        raise DataError(f"{path}: every row needs >= 1 target and position 0 cannot be a target (loss_mask)")
+    return {"tokens": t.astype(np.int64), "modality": m.astype(np.int64), "loss_mask": lm.astype(np.int64)}

@@ -1,0 +1,278 @@
+"""Tests for dns.py: the projection mechanism, the covariance statistics, the npz loader and its errors,
+end-to-end behaviour on the built-in benchmark, determinism, CLI parsing and one subprocess smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import tyro
+
+import common
+import data
+import dns
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def low_rank(n, d, r, gen, scale=1.0):
+    return scale * torch.randn(n, r, generator=gen) @ torch.randn(r, d, generator=gen) / r**0.5
+
+
+def dense(p, d):
+    return dns.left_mul(p, torch.eye(d))
+
+
+# ----------------------------------------------------------------------------- projectors
+@pytest.mark.parametrize("rank", [5, 40])  # basis form (k <= d/2) and complement form (k > d/2)
+def test_projector_is_symmetric_idempotent_with_thresholded_rank(rank):
+    gen = torch.Generator().manual_seed(0)
+    x = low_rank(200, 48, rank, gen).double()
+    c = x.T @ x / 200
+    p = dns.make_projector(c, 1e-8)
+    assert p[1] == (rank > 24)
+    P = dense(p, 48)
+    assert torch.allclose(P, P.T, atol=1e-5)
+    assert torch.allclose(P @ P, P, atol=1e-5)
+    assert round(float(torch.trace(P))) == rank
+    assert torch.allclose(x.float() @ P, x.float(), atol=1e-3 * x.abs().max())  # old inputs lie in its range
+    assert torch.allclose(dns.right_mul(torch.eye(48), p), P, atol=1e-6)
+
+
+def test_threshold_is_absolute_on_eigenvalues():
+    c = torch.diag(torch.tensor([5.0, 0.5, 0.05, 0.005], dtype=torch.float64))
+    assert round(float(torch.trace(dense(dns.make_projector(c, 0.01), 4)))) == 3
+    assert round(float(torch.trace(dense(dns.make_projector(c, 1.0), 4)))) == 1
+
+
+def trained_state(gen, d=32, r=6, one_step=True):
+    """Modalities a, b trained on old data (random weights), statistics accumulated as at the end of a step."""
+    xa, xb = low_rank(300, d, r, gen, 3.0), low_rank(300, d, r, gen, 3.0)
+    wa, wb = torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen), torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen)
+    state = dns.DNSState({}, {}, set())
+    dns.update_covariance(state, xa, xb, wa, wb, "a", "b")
+    return state, xa, xb, wa, wb
+
+
+def contrastive_grad(w, x, partner_z):
+    w = w.clone().requires_grad_(True)
+    dns.contrastive_loss(x @ w.T, partner_z, 1.0).backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_projected_sgd_update_keeps_old_alignment_scores(one_sided):
+    gen = torch.Generator().manual_seed(1)
+    state, xa, xb, wa, wb = trained_state(gen)
+    old = (xa @ wa.T) @ (xb @ wb.T).T
+    # new step pairs modality a with a new modality c on new data that overlaps the old input span
+    x_new = 0.5 * xa[:64] + low_rank(64, 32, 6, gen, 3.0)
+    g = contrastive_grad(wa, x_new, torch.randn(64, 32, generator=gen))
+    proj = dns.build_projectors(state, "a", 1e-6, 1e-6, one_sided)
+    for grad, bound in ((g, None), (dns.project_gradient(g, proj), 1e-5)):
+        new = (xa @ (wa - 0.05 * grad).T) @ (xb @ wb.T).T
+        rel = float((new - old).abs().max() / old.abs().max())
+        if bound is None:
+            assert rel > 1e-3  # the plain update does move old scores
+        else:
+            assert rel < bound
+    assert float(dns.project_gradient(g, proj).norm()) > 0.05 * float(g.norm())  # still learns something
+
+
+def test_dual_side_keeps_more_of_the_gradient_than_one_sided():
+    gen = torch.Generator().manual_seed(2)
+    state, xa, _, wa, _ = trained_state(gen)
+    g = contrastive_grad(wa, xa[:64] + low_rank(64, 32, 6, gen), torch.randn(64, 32, generator=gen))
+    dual = dns.project_gradient(g, dns.build_projectors(state, "a", 1e-6, 1e-6, False))
+    one = dns.project_gradient(g, dns.build_projectors(state, "a", 1e-6, 1e-6, True))
+    assert float(dual.norm()) > float(one.norm()) * 1.05
+
+
+def test_factored_projection_equals_reference():
+    gen = torch.Generator().manual_seed(3)
+    state, xa, xb, wa, wb = trained_state(gen)
+    x, delta = low_rank(16, 32, 6, gen), torch.randn(16, 32, generator=gen)
+    g = 0.7 * delta.T @ x  # a Linear's weight gradient, clipped by 0.7
+    for one_sided in (False, True):
+        proj = dns.build_projectors(state, "a", 1e-6, 1e-6, one_sided)
+        ref = dns.project_gradient(g, proj)
+        assert torch.allclose(dns.project_gradient_factored(g, delta, x, 0.7, proj), ref, atol=1e-5)
+
+
+def test_never_seen_modality_is_not_projected():
+    gen = torch.Generator().manual_seed(4)
+    state, *_ = trained_state(gen)
+    assert dns.build_projectors(state, "c", 1e-6, 1e-6, False) is None
+    g = torch.randn(32, 32, generator=gen)
+    assert torch.equal(dns.project_gradient(g, None), g)
+
+
+def test_covariance_update_matches_hand_formula():
+    gen = torch.Generator().manual_seed(5)
+    x1, y1, x2, z2 = (torch.randn(n, 4, generator=gen) for n in (3, 3, 5, 5))
+    wa, wb, wc = (torch.randn(4, 4, generator=gen) for _ in range(3))
+    st = dns.DNSState({}, {}, set())
+    dns.update_covariance(st, x1, y1, wa, wb, "a", "b")
+    dns.update_covariance(st, x2, z2, wa, wc, "a", "c")  # global count: 3 then 8
+    d = lambda t: t.double()
+    assert st.n_bar == 8
+    assert torch.allclose(st.c_in["a"], (d(x1).T @ d(x1) / 3) * 3 / 8 + d(x2).T @ d(x2) / 8)
+    assert torch.allclose(st.c_in["b"], d(y1).T @ d(y1) / 3)  # absent at step 2: not rescaled
+    exp_out_a = d(wb) @ (d(y1).T @ d(y1) / 3) @ d(wb).T * 3 / 8 + d(wc) @ (d(z2).T @ d(z2) / 8) @ d(wc).T
+    assert torch.allclose(st.c_out["a"], exp_out_a)
+    assert st.seen == {"a", "b", "c"}
+
+
+def test_inactive_modalities_are_bit_identical_after_a_step():
+    gen = torch.Generator().manual_seed(6)
+    model = dns.build_model({"a": 16, "b": 16, "c": 16}, 16, gen)
+    with torch.no_grad():
+        model["c"].weight.add_(0.1)  # non-identity state that weight decay would shrink
+    before = {k: v.clone() for k, v in model["c"].state_dict().items()}
+    state, xa, xb, *_ = trained_state(gen, d=16)
+    proj = {m: dns.build_projectors(state, m, 1e-6, 1e-6, False) for m in ("a", "b")}
+    args = dns.Args(epochs=2, batch_size=32)
+    dns.train_step(model, "a", "b", xa[:100], xb[:100], proj, args, gen, common.Stopwatch())
+    assert all(torch.equal(before[k], v) for k, v in model["c"].state_dict().items())
+    assert model["c"].weight.grad is None
+    assert not torch.equal(model["a"].weight, torch.eye(16))
+
+
+# ----------------------------------------------------------------------------- end to end on the built-in benchmark
+E2E = dict(backbone="languagebind", num_threads=1)  # default size: about 2 minutes for both methods
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    return {m: dns.main(dns.Args(method=m, out_dir=str(tmp / m), **E2E)) for m in ("dns", "vanilla")}, tmp
+
+
+def test_dns_forgets_less_and_ends_higher_than_vanilla(e2e):
+    res, _ = e2e
+    d, v = res["dns"]["summary"], res["vanilla"]["summary"]
+    assert v["bwt_acc"] < -2.0  # the benchmark makes sequential fine-tuning forget
+    assert d["bwt_acc"] >= v["bwt_acc"] + 2.0
+    assert d["acc"] > v["acc"]
+
+
+def test_results_layout_and_row0_is_the_untrained_backbone(e2e):
+    res, tmp = e2e
+    r = json.load(open(tmp / "dns" / "results.json"))
+    T = len(r["steps"])
+    assert T == 11 and set(r["summary"]) >= {"acc", "bwt_acc", "r1", "r5", "r10", "bwt_r10"}
+    for key in ("acc", "r1", "r5", "r10"):
+        assert len(r["matrices"][key]) == T + 1 and all(len(row) == T for row in r["matrices"][key])
+    assert r["matrices"]["acc"][0] == res["vanilla"]["matrices"]["acc"][0]  # same init, same data
+    acc_entries = [j for j, v in enumerate(r["matrices"]["acc"][-1]) if v is not None]
+    assert acc_entries == [0, 1, 4, 5]  # ucf101, esc50, vggsound T-A and T-VI
+    assert r["matrices"]["r10"][-1][0] is None and r["matrices"]["r10"][-1][6] is not None  # no recall for UCF101
+    for j in acc_entries:  # training helps: just-trained accuracy above the untrained backbone
+        assert r["matrices"]["acc"][j + 1][j] > r["matrices"]["acc"][0][j]
+    assert len(r["time_s"]["train"]) == T and os.path.exists(tmp / "dns" / "metrics.csv")
+    assert json.load(open(tmp / "dns" / "args.json"))["method"] == "dns"
+
+
+def test_same_seed_gives_identical_results_and_other_seed_differs(tmp_path):
+    tiny = dict(bench_scale=0.005, epochs=1, steps=["esc50:text-audio", "clotho:text-audio"], num_threads=1)
+    a, b = (dns.main(dns.Args(seed=7, out_dir=str(tmp_path / n), **tiny)) for n in ("a", "b"))
+    c = dns.main(dns.Args(seed=8, out_dir=str(tmp_path / "c"), **tiny))
+    assert a["summary"] == b["summary"] and a["matrices"] == b["matrices"]
+    assert a["summary"] != c["summary"]
+
+
+# ----------------------------------------------------------------------------- real-feature loader and bad input
+def write_split(path, n=40, d_text=8, d_audio=6, **override):
+    rng = np.random.default_rng(0)
+    arrays = {"text": rng.standard_normal((n, d_text)).astype(np.float32),
+              "audio": rng.standard_normal((n, d_audio)).astype(np.float32),
+              "label": rng.integers(0, 4, n), "class_text": rng.standard_normal((4, d_text)).astype(np.float32),
+              "class_names": np.array(["a", "b", "c", "d"])}
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def test_npz_loader_runs_end_to_end_with_mixed_dims(tmp_path):
+    for split in ("train", "test"):
+        write_split(tmp_path / f"toy_{split}.npz")
+    args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio"], epochs=2, out_dir=str(tmp_path / "out"))
+    r = dns.main(args)
+    assert r["steps"] == ["toy(text-audio)"]
+    assert r["matrices"]["acc"][1][0] is not None and r["matrices"]["r10"][1][0] is not None
+    assert os.path.exists(tmp_path / "out" / "results.json")
+
+
+BAD = {
+    "missing modality": dict(audio=None),
+    "different lengths": dict(audio=np.zeros((39, 6), np.float32)),
+    "non-finite": dict(text=np.full((40, 8), np.nan, np.float32)),
+    "empty split": dict(text=np.zeros((0, 8), np.float32), audio=np.zeros((0, 6), np.float32), label=None),
+    "label out of range": dict(label=np.full(40, 7)),
+    "class_text dim": dict(class_text=np.zeros((4, 5), np.float32)),
+    "unknown array": dict(smell=np.zeros((40, 3), np.float32)),
+}
+EXPECT = {"missing modality": "missing modality array 'audio'", "different lengths": "different lengths",
+          "non-finite": "non-finite", "empty split": "empty split", "label out of range": "label out of range",
+          "class_text dim": "class_text has shape", "unknown array": "unknown array"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_npz_input_is_rejected_with_file_name_and_no_results(case, tmp_path, capsys):
+    write_split(tmp_path / "toy_train.npz")
+    write_split(tmp_path / "toy_test.npz", **BAD[case])
+    with pytest.raises(data.DataError, match=EXPECT[case]) as e:
+        data.load_dns_features(str(tmp_path), [("toy", "text", "audio")])
+    assert "toy_test.npz" in str(e.value)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as ex:
+        dns.main(dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio"], out_dir=str(out)))
+    assert ex.value.code == 2 and not out.exists()
+    assert "toy_test.npz" in capsys.readouterr().err
+
+
+def test_missing_file_and_bad_steps_are_rejected(tmp_path):
+    write_split(tmp_path / "toy_train.npz")
+    with pytest.raises(data.DataError, match=r"toy_test.npz: file not found"):
+        data.load_dns_features(str(tmp_path), [("toy", "text", "audio")])
+    for item, msg in (("toy-text-audio", "expected 'dataset:modA-modB'"), ("toy:text-smell", "unknown modality 'smell'"),
+                      ("toy:text-text", "two different modalities")):
+        with pytest.raises(data.DataError, match=msg):
+            data.parse_dns_steps([item])
+    with pytest.raises(data.DataError, match="has modalities"):
+        dns.load_benchmark(dns.Args(steps=["esc50:text-video"]))
+    with pytest.raises(data.DataError, match="unknown backbone"):
+        data.make_dns_benchmark("clip", [("esc50", "text", "audio")])
+
+
+def test_dim_mismatch_across_datasets_is_rejected(tmp_path):
+    for split in ("train", "test"):
+        write_split(tmp_path / f"one_{split}.npz")
+        write_split(tmp_path / f"two_{split}.npz", d_text=9, class_text=np.zeros((4, 9), np.float32))
+    with pytest.raises(data.DataError, match="modality 'text' has dim 9"):
+        data.load_dns_features(str(tmp_path), [("one", "text", "audio"), ("two", "text", "audio")])
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_tyro_parses_flags_and_rejects_unknown_backbone():
+    a = tyro.cli(dns.Args, args=["--backbone", "unibind", "--method", "vanilla", "--steps", "esc50:text-audio",
+                                 "--official-one-sided", "--seed", "3"])
+    assert (a.backbone, a.method, a.steps, a.official_one_sided, a.seed) == ("unibind", "vanilla", ["esc50:text-audio"], True, 3)
+    with pytest.raises(SystemExit) as e:
+        tyro.cli(dns.Args, args=["--backbone", "clip"], console_outputs=False)
+    assert e.value.code == 2
+
+
+def test_subprocess_smoke_run(tmp_path):
+    out = tmp_path / "smoke"
+    cmd = [sys.executable, "dns.py", "--backbone", "imagebind", "--bench-scale", "0.005", "--epochs", "1",
+           "--steps", "esc50:text-audio", "clotho:text-audio", "--official-cov-bug", "--out-dir", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "built-in synthetic benchmark" in p.stdout and "step  2/2" in p.stdout
+    r = json.load(open(out / "results.json"))
+    assert r["steps"] == ["esc50(text-audio)", "clotho(text-audio)"] and r["summary"]["r10"] is not None
