@@ -200,10 +200,11 @@ def write_split(path, n=40, d_text=8, d_audio=6, **override):
 def test_npz_loader_runs_end_to_end_with_mixed_dims(tmp_path):
     for split in ("train", "test"):
         write_split(tmp_path / f"toy_{split}.npz")
-    args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio"], epochs=2, out_dir=str(tmp_path / "out"))
+    # text is 8-d, audio 6-d: D = 8, audio gets an orthogonal Linear(6, 8); step 2 projects both (non-square P_in)
+    args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio", "toy:audio-text"], epochs=2, out_dir=str(tmp_path / "out"))
     r = dns.main(args)
-    assert r["steps"] == ["toy(text-audio)"]
-    assert r["matrices"]["acc"][1][0] is not None and r["matrices"]["r10"][1][0] is not None
+    assert r["steps"] == ["toy(text-audio)", "toy(audio-text)"]
+    assert r["matrices"]["acc"][1][0] is not None and r["matrices"]["r10"][2][1] is not None
     assert os.path.exists(tmp_path / "out" / "results.json")
 
 
