@@ -31,6 +31,9 @@ subsets of <= 1000 test pairs; ties count in expectation under random tie-breaki
     R@K     = mean_{j in Recall} R_K[T][j]
     BWT_R10 = mean_{j in Recall, j < T-1} (R_10[T][j] - R_10[j+1][j])
 All in percent; task-weighted (each entry counts once).
+
+Equation markers name the equations (Eq. (DNS), Eq. (InfoNCE), ...): the paper text available here is a
+summary without equation numbers. Where the official code and the paper differ, flags expose the code.
 """
 
 import os
@@ -156,7 +159,7 @@ def build_model(dims: Dict[str, int], embed_dim: int, gen: torch.Generator) -> n
 
 def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE A->B on raw dot products: CE(Z_A Z_B^T / tau, diagonal) (one direction, as in the official code)."""
-    logits = za @ zb.T / temperature
+    logits = za @ zb.T / temperature  # Eq. (InfoNCE)
     return F.cross_entropy(logits, torch.arange(len(za), device=za.device))
 
 
@@ -179,6 +182,7 @@ def update_covariance(state: DNSState, xa, xb, wa, wb, a: str, b: str) -> None:
     sa, sb = xa.T @ xa / n_new, xb.T @ xb / n_new
     for m, s_own, w_partner, s_partner in ((a, sa, wb, sb), (b, sb, wa, sa)):
         d_in, d_out = s_own.shape[0], w_partner.shape[0]
+        # Eq. (recursive uncentered covariance): C <- C * n_bar / n_new + X^T X / n_new
         state.c_in[m] = state.c_in.get(m, torch.zeros(d_in, d_in, dtype=torch.float64, device=xa.device)) * keep + s_own
         c_prev = state.c_out.get(m, torch.zeros(d_out, d_out, dtype=torch.float64, device=xa.device))
         state.c_out[m] = c_prev * keep + w_partner @ s_partner @ w_partner.T  # partner's projected features
@@ -193,7 +197,7 @@ def make_projector(c: torch.Tensor, threshold: float):
     P costs O(d^2 min(k, d-k)) instead of O(d^3).
     """
     evals, evecs = torch.linalg.eigh(c)
-    keep = evals > threshold
+    keep = evals > threshold  # Eq. (truncated SVD): keep eigenvalues > lambda_min
     return (evecs[:, keep].float(), False) if 2 * int(keep.sum()) <= len(keep) else (evecs[:, ~keep].float(), True)
 
 
