@@ -10,7 +10,9 @@ steps. DNS keeps them (to first order) by projecting each weight gradient on bot
     dW_m = G_m - P_out[m] G_m P_in[m]                                            # Eq. (DNS), Thm. 4
 P_in[m] projects onto the span of m's old *input* features, P_out[m] onto the span of the old *projected
 features of m's partners*. Both come from uncentered second moments accumulated at the end of each step
-(no data replay) and are truncated at an absolute eigenvalue threshold lambda_min. Then for old pairs
+(no data replay). P_in is truncated at the paper's absolute eigenvalue threshold lambda_min (the
+null-space approximation); P_out keeps the numerical span of the old partner features by default
+(--lambda-out sets an absolute threshold; see README for why and what lambda_min there costs). Then for old pairs
 (W_B x_B)^T dW_A x_A = 0, so the first-order change of every old score vanishes; only the O(eta^2) cross
 term (and AdamW's per-coordinate rescaling, weight decay and the unprojected bias) remain.
 
@@ -106,7 +108,7 @@ class Args:
     lambda_min: Optional[float] = None
     """absolute eigenvalue threshold of the projectors (default: paper, 0.01 ImageBind/UniBind, 1e-4 LanguageBind)"""
     lambda_out: Optional[float] = None
-    """threshold of the left (partner-output) projector (default: lambda_min)"""
+    """absolute threshold of the left (partner-output) projector (default: its numerical span, see SPAN_RTOL)"""
     official_one_sided: bool = False
     """official code: left projector = identity once a modality is seen (threshold 0 keeps every direction)"""
     official_cov_bug: bool = False
@@ -118,6 +120,7 @@ class Args:
 
 
 PAPER_LAMBDA_MIN = {"imagebind": 1e-2, "languagebind": 1e-4, "unibind": 1e-2}
+SPAN_RTOL = 1e-6  # default left projector: eigenvalues > SPAN_RTOL * largest = the span of old partner features
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,13 +193,16 @@ def update_covariance(state: DNSState, xa, xb, wa, wb, a: str, b: str) -> None:
     state.n_bar = n_new
 
 
-def make_projector(c: torch.Tensor, threshold: float):
-    """P = U_k U_k^T over the eigenvectors of PSD c (float64 eigh) with eigenvalue > threshold.
+def make_projector(c: torch.Tensor, threshold: Optional[float]):
+    """P = U_k U_k^T over the eigenvectors of PSD c (float64 eigh) with eigenvalue > threshold
+    (threshold None: > SPAN_RTOL * the largest eigenvalue, i.e. the numerical span of c).
 
     Stored as (basis, False), or as (basis of the complement, True) when that is smaller, so applying
     P costs O(d^2 min(k, d-k)) instead of O(d^3).
     """
     evals, evecs = torch.linalg.eigh(c)
+    if threshold is None:
+        threshold = SPAN_RTOL * float(evals[-1].clamp_min(0))
     keep = evals > threshold  # Eq. (truncated SVD): keep eigenvalues > lambda_min
     return (evecs[:, keep].float(), False) if 2 * int(keep.sum()) <= len(keep) else (evecs[:, ~keep].float(), True)
 
@@ -215,7 +221,7 @@ def left_mul(p, x: torch.Tensor) -> torch.Tensor:
     return x - px if complement else px
 
 
-def build_projectors(state: DNSState, m: str, lam_in: float, lam_out: float, one_sided: bool):
+def build_projectors(state: DNSState, m: str, lam_in: float, lam_out: Optional[float], one_sided: bool):
     """Start of step (spec 3.4): (P_out or None = identity, P_in); None if m was never seen (no projection)."""
     if m not in state.seen:
         return None
@@ -338,7 +344,7 @@ def main(args: Args) -> dict:
     dims = {m: a.shape[1] for v in datasets.values() for s in v.values() for m, a in s["feats"].items()}
     model = build_model(dims, args.embed_dim or max(dims.values()), gen).to(device)
     lam_in = args.lambda_min if args.lambda_min is not None else PAPER_LAMBDA_MIN[args.backbone]
-    lam_out = args.lambda_out if args.lambda_out is not None else lam_in
+    lam_out = args.lambda_out  # None: the numerical span of the old partner features (the paper's P~)
     names = [f"{ds}({a}-{b})" for ds, a, b in steps]
     run_name = f"{args.backbone}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = common.make_run_dir(args, run_name)

@@ -50,6 +50,20 @@ def test_threshold_is_absolute_on_eigenvalues():
     assert round(float(torch.trace(dense(dns.make_projector(c, 1.0), 4)))) == 1
 
 
+def test_default_left_threshold_is_the_scale_free_numerical_span():
+    evals = torch.tensor([5.0, 0.5, 0.05, 1e-5, 1e-7, 0.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for scale in (1e-4, 1.0, 1e4):  # relative to the largest eigenvalue: 5e-6 * scale
+        c = scale * q @ torch.diag(evals) @ q.T
+        assert round(float(torch.trace(dense(dns.make_projector(c, None), 6)))) == 4
+    # the right side keeps the paper's absolute lambda_min; the left side defaults to the span
+    state = dns.DNSState({}, {}, set())
+    state.c_in["a"] = state.c_out["a"] = q @ torch.diag(evals) @ q.T
+    state.seen.add("a")
+    p_out, p_in = dns.build_projectors(state, "a", 0.01, None, one_sided=False)
+    assert round(float(torch.trace(dense(p_out, 6)))) == 4 and round(float(torch.trace(dense(p_in, 6)))) == 3
+
+
 def trained_state(gen, d=32, r=6, one_step=True):
     """Modalities a, b trained on old data (random weights), statistics accumulated as at the end of a step."""
     xa, xb = low_rank(300, d, r, gen, 3.0), low_rank(300, d, r, gen, 3.0)
