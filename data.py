@@ -350,6 +350,7 @@ def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
 # shape and background; understanding tasks are single-token VQA. Every stream is a dict of int arrays
 # tokens [N, L], modality [N, L] (1 from <boi> to <eoi> inclusive, else 0) and loss_mask [N, L] (1 where
 # the token is a target, predicted from the prefix; trailing <pad> = 0 with mask 0), the --data-dir format.
+# A VQA sequence is <bos> <boi> img <eoi> <sep> <q:task> answer: the task token comes right before the answer.
 MODE_COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
 MODE_SHAPES = ["circle", "square", "cross", "ring", "bar", "arrow", "heart", "star"]
 MODE_BACKGROUNDS = ["white", "sand", "grey", "night"]
@@ -420,8 +421,8 @@ def mode_sequences(kind: str, c, s, b) -> Dict[str, np.ndarray]:
                           words(MODE_SHAPES, s), words(MODE_BACKGROUNDS, b)], 1, slice(21, 24))
     elif kind == "t2i":  # <bos> colour shape <sep> <boi> img <eoi>; targets = the 16 codes
         out = _mode_pack([tok("<bos>"), words(MODE_COLOURS, c), words(MODE_SHAPES, s), tok("<sep>"), img], 4, slice(5, 21))
-    else:  # <bos> <boi> img <eoi> <q:task> <sep> answer
-        out = _mode_pack([tok("<bos>"), img, tok(f"<q:{kind}>"), tok("<sep>"), mode_answer(kind, c, s, b)], 1, slice(21, 22))
+    else:  # <bos> <boi> img <eoi> <sep> <q:task> answer
+        out = _mode_pack([tok("<bos>"), img, tok("<sep>"), tok(f"<q:{kind}>"), mode_answer(kind, c, s, b)], 1, slice(21, 22))
     out.update(colour=np.asarray(c), shape=np.asarray(s), background=np.asarray(b))
     return out
 

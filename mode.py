@@ -17,7 +17,8 @@ the VQA inputs, is anchored by distilling the frozen pre-trained model on a text
 Here the UMGM is a tiny Chameleon-like decoder (RMSNorm, causal attention, SwiGLU MLP) over a synthetic
 world (data.py, MoDE section): 4x4 grids of image codes (a shape mask in a colour on a background), captions,
 text-to-image prompts and five single-token VQA tasks shaped like the paper's CoIN order (ScienceQA ->
-TextVQA -> ImageNet -> GQA -> VizWiz): different question types, partly overlapping answer vocabularies.
+TextVQA -> ImageNet -> GQA -> VizWiz): different question types (a task token just before the answer),
+partly overlapping answer vocabularies.
 It is pre-trained on captioning + text-to-image (cached under --pretrain-cache-dir), then tuned on the
 five tasks with the base frozen and experts on the MLP gate/up/down projections only (spec section 4).
 
@@ -27,7 +28,12 @@ Usage:
     python mode.py --no-kd                  # ablations: --no-kd, --no-text-moe, --no-visual-adapter (= tmoe-only)
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
 
-Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent):
+Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent;
+R is closed-set: the argmax is taken over task j's answer vocabulary = the target ids of its train split,
+as VQA classifiers score over a dataset's answer list. R_open takes it over all text ids; with single-token
+answers, open scoring mostly measures which answer *type* the last task left (every method loses it),
+closed-set scoring whether the old skill survives. Both are logged; acc_open, bwt_open, forgetting_open
+are the same formulas on R_open):
     acc         ACC = mean_j R[T][j]                                      (final average accuracy)
     bwt         BWT = mean_{j<T-1} (R[T][j] - R[j+1][j])                  (intra-modal, GEM)
     forgetting  F   = mean_{j<T-1} (max_{j+1<=l<=T-1} R[l][j] - R[T][j])  (intra-modal, Chaudhry)
@@ -38,7 +44,7 @@ Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy
     gen_drop    100 * (gen_match[0] - gen_match[T]), percent points (inter-modal forgetting)
     grad_cos    mean over checks of cos(grad L_task, grad L_gen) on all trainable adapter parameters; the
                 text-side / image-side cosines and <g_t, g_v> are logged too (spec section 3)
-An understanding sample is correct when the argmax over text ids equals every answer token.
+An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
 
 --data-dir format: meta.json {"vocab_size": V, "image_token_start": I, "tasks": [names]} (ids >= I are
 image codes) and one .npz per stream: pretrain, reference_train, reference_test, <task>_train,
@@ -49,7 +55,8 @@ gen_drop need the built-in image oracle and are None there; gen_nll is still rep
 Deviations from the paper/spec (spec section 8.7 design):
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
     - single-token answers scored teacher-forced (not 60-token greedy decoding);
-    - steps-based schedule (not 1 epoch), lr 2e-3, batch 32; AdamW, warmup + cosine restarted per task;
+    - steps-based schedule (160 steps/task, not 1 epoch), lr 2e-3, batch 32; AdamW, warmup + cosine
+      restarted per task;
     - KD over the full (tiny) image vocabulary, no top-256 truncation; the teacher is the model with
       experts bypassed (as in the code). Quirk flags (off by default) reproduce the official code: VQA
       evaluation routing every token to the T-MoE, temperature applied twice, KD mean over all positions;
@@ -137,7 +144,7 @@ class Args:
     """MoDE: text side is a mixture of experts (off: a single text LoRA)"""
     visual_adapter: bool = True
     """MoDE: image tokens get the V-Adapter (off: un-adapted, which makes KD a no-op)"""
-    steps_per_task: int = 200
+    steps_per_task: int = 160
     """optimizer steps per continual task"""
     batch_size: int = 32
     """task batch size"""
@@ -165,7 +172,7 @@ class Args:
     """official-code quirk: logits divided by tau twice (effective tau^2), scale still tau^2"""
     quirk_kd_all_positions: bool = False
     """official-code quirk: KD averaged over all positions instead of the image-code targets"""
-    conflict_every: int = 50
+    conflict_every: int = 40
     """measure the task/generation gradient cosine every this many steps (0 = never)"""
     conflict_batch_size: int = 64
     """sequences per stream for the gradient-conflict measurement"""
@@ -376,17 +383,26 @@ def gradient_conflict(model, task_batch, ref_batch, scheme, image_lo) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def answer_vocab(stream: Dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """Bool [vocab]: the ids that appear as targets in a task's train split (its answer vocabulary)."""
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=stream["tokens"].device)
+    allowed[stream["tokens"][:, 1:][stream["loss_mask"][:, 1:].bool()]] = True
+    return allowed
+
+
 @torch.no_grad()
-def vqa_accuracy(model, stream, scheme, image_lo, quirk_eval, chunk=512) -> float:
-    """Percent of sequences whose every target token is the argmax (over the target's modality)."""
-    correct = []
+def vqa_accuracy(model, stream, scheme, image_lo, quirk_eval, allowed, chunk=512):
+    """(closed-set, open) percent of sequences whose every target token is the argmax over the target's
+    modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not."""
+    closed, open_ = [], []
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         route = route_for(b, scheme, "eval", quirk_eval)
         targets, mask = b["tokens"][:, 1:], b["loss_mask"][:, 1:].bool()
-        pred = restrict_logits(model(b["tokens"], route)[:, :-1], targets, image_lo).argmax(-1)
-        correct.append(((pred == targets) | ~mask).all(1))
-    return 100.0 * float(torch.cat(correct).float().mean())
+        logits = restrict_logits(model(b["tokens"], route)[:, :-1], targets, image_lo)
+        open_.append(((logits.argmax(-1) == targets) | ~mask).all(1))
+        closed.append(((logits.masked_fill(~allowed, float("-inf")).argmax(-1) == targets) | ~mask).all(1))
+    return tuple(100.0 * float(torch.cat(c).float().mean()) for c in (closed, open_))
 
 
 @torch.no_grad()
@@ -413,7 +429,9 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo) -> float:
 
 def evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args) -> dict:
     model.eval()
-    row = {"acc": [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, args.quirk_eval_routing) for t in tasks],
+    acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, args.quirk_eval_routing,
+                        answer_vocab(streams[f"{t}_train"], model.head.out_features)) for t in tasks]
+    row = {"acc": [a[0] for a in acc], "acc_open": [a[1] for a in acc],
            "gen_nll": generation_nll(model, streams["reference_test"], scheme, image_lo),
            "gen_match": generation_match(model, *gen_probe, scheme, image_lo) if gen_probe else None}
     model.train()
@@ -525,7 +543,7 @@ def main(args: Args) -> dict:
 
     rows = [evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args)]
     r = rows[0]
-    print(f"pre-trained: acc {['%.1f' % a for a in r['acc']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
+    print(f"pre-trained: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
     conflicts, train_sw, eval_sw = [], common.Stopwatch(), common.Stopwatch()
     for k, task in enumerate(tasks):
         # METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task
@@ -555,7 +573,7 @@ def main(args: Args) -> dict:
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args))
         r = rows[-1]
-        print(f"after {task}: acc {['%.1f' % a for a in r['acc']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
+        print(f"after {task}: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
         if tracker:
             tracker.log({"task": k + 1, "acc_avg": float(np.mean(r["acc"])), "gen_nll": r["gen_nll"],
                          "gen_match": r["gen_match"]})
@@ -564,13 +582,15 @@ def main(args: Args) -> dict:
                         "task": k + 1, "args": asdict(args)}, os.path.join(run_dir, f"experts_after_{task}.pt"))
 
     # ------------------------------------------------------------------------- results
-    R = [r["acc"] for r in rows]
+    R, R_open = [r["acc"] for r in rows], [r["acc_open"] for r in rows]
     gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
     base_ok = all(torch.equal(v, model.state_dict()[k]) for k, v in base_before.items())
     vals = lambda key: [c[key] for c in conflicts if c[key] is not None]
     mean_of = lambda key: float(np.mean(vals(key))) if vals(key) else None
     summary = {
         "acc": common.final_average(R), "bwt": common.backward_transfer(R), "forgetting": common.forgetting(R),
+        "acc_open": common.final_average(R_open), "bwt_open": common.backward_transfer(R_open),
+        "forgetting_open": common.forgetting(R_open),
         "gen_drop": None if gmatch[0] is None else 100.0 * (gmatch[0] - gmatch[-1]),
         "gen_nll_increase": gnll[-1] - gnll[0], "gen_match_pre": gmatch[0], "gen_match_final": gmatch[-1],
         "grad_cos": mean_of("cos"), "grad_cos_text_side": mean_of("cos_text_side"),
@@ -580,16 +600,18 @@ def main(args: Args) -> dict:
     }
     timing = {"pretrain_s": pretrain_s, "continual_train_s": train_sw.total, "eval_s": eval_sw.total}
     names = ["pre-trained"] + [f"after {t}" for t in tasks]
-    print(common.format_matrix(R, names, tasks))
+    print("accuracy, closed-set (task answer vocabulary):\n" + common.format_matrix(R, names, tasks))
+    print("accuracy, open (all text ids):\n" + common.format_matrix(R_open, names, tasks))
     print(f"gen_nll  {['%.4f' % v for v in gnll]}\ngen_match {gmatch}")
     print("summary", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
     print(f"time: pretrain {pretrain_s:.1f}s, continual training {train_sw.total:.1f}s, "
           f"evaluation {eval_sw.total:.1f}s")
     none_col = lambda vals: [[None] * len(tasks) + [v] for v in vals]
     common.write_metrics_csv(os.path.join(run_dir, "metrics.csv"),
-                             {"acc": [r + [None] for r in R], "gen_nll": none_col(gnll), "gen_match": none_col(gmatch)},
+                             {"acc": [r + [None] for r in R], "acc_open": [r + [None] for r in R_open], "gen_nll": none_col(gnll), "gen_match": none_col(gmatch)},
                              tasks + ["t2i"])
     results = {"run_name": run_name, "method": args.method, "scheme": scheme, "tasks": tasks, "acc_matrix": R,
+               "acc_open_matrix": R_open,
                "gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "summary": summary,
                "timing": timing, "pretrain_cache": cache_path}
     common.write_json(os.path.join(run_dir, "results.json"), results)  # last: a results.json means a complete run
