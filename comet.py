@@ -650,7 +650,8 @@ def main(args: Args) -> dict:
         train = {p: {LETTER[c]: torch.from_numpy(dd[f"{p.lower()}_train"][LETTER[c]]) for c in p} for p in pairs}
         n_min = min(len(next(iter(t.values()))) for t in train.values())
         bs = min(args.batch_size, n_min)
-        opt = torch.optim.Adam([p for p in model.parameters() if p not in club_params], lr=args.lr)
+        params = [p for p in model.parameters() if p not in club_params]  # fixed during the stage (codes are buffers)
+        opt = torch.optim.Adam(params, lr=args.lr)
         for epoch in range(args.epochs):
             perms = {p: torch.randperm(n_min, generator=gen) for p in pairs}
             sums, t0, steps = {}, time.perf_counter(), n_min // bs
@@ -665,7 +666,7 @@ def main(args: Args) -> dict:
                         sum(L.values()).backward()  # Sec. 3.4: L = recon + commit + cpc + cmcm + MI + gate (+ EWC)
                         for n_, v in L.items():
                             sums[n_] = sums.get(n_, 0.0) + float(v.detach()) / steps
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p not in club_params], args.clip)
+                    nn.utils.clip_grad_norm_(params, args.clip)
                     opt.step()
                     model.codebook.reset_dead(args.reset_after, start=reset_from)
             n_steps += steps

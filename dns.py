@@ -169,11 +169,11 @@ def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> 
 # ----------------------------------------------------------------------------- DNS: statistics, projectors, projection
 @dataclass
 class DNSState:
-    """Per-modality uncentered second moments of own inputs (c_in) and of partners' projected features (c_out)."""
+    """Per-modality uncentered second moments of own inputs (c_in) and of partners' projected features (c_out);
+    a modality is 'seen' (spec 3.2) once it has a c_in entry."""
 
     c_in: Dict[str, torch.Tensor]
     c_out: Dict[str, torch.Tensor]
-    seen: set
     n_bar: int = 0
 
 
@@ -189,7 +189,6 @@ def update_covariance(state: DNSState, xa, xb, wa, wb, a: str, b: str) -> None:
         state.c_in[m] = state.c_in.get(m, torch.zeros(d_in, d_in, dtype=torch.float64, device=xa.device)) * keep + s_own
         c_prev = state.c_out.get(m, torch.zeros(d_out, d_out, dtype=torch.float64, device=xa.device))
         state.c_out[m] = c_prev * keep + w_partner @ s_partner @ w_partner.T  # partner's projected features
-        state.seen.add(m)
     state.n_bar = n_new
 
 
@@ -223,7 +222,7 @@ def left_mul(p, x: torch.Tensor) -> torch.Tensor:
 
 def build_projectors(state: DNSState, m: str, lam_in: float, lam_out: Optional[float], one_sided: bool):
     """Start of step (spec 3.4): (P_out or None = identity, P_in); None if m was never seen (no projection)."""
-    if m not in state.seen:
+    if m not in state.c_in:  # never seen
         return None
     p_out = None if one_sided else make_projector(state.c_out[m], lam_out)
     return p_out, make_projector(state.c_in[m], lam_in)
@@ -259,19 +258,20 @@ def train_step(model: nn.ModuleDict, a: str, b: str, xa, xb, proj: dict, args: A
     losses = []
     for epoch in range(args.epochs):
         for idx in torch.randperm(len(xa), generator=gen).to(xa.device).split(args.batch_size):
-            z = {a: model[a](xa[idx]), b: model[b](xb[idx])}
+            x = {a: xa[idx], b: xb[idx]}
+            z = {a: model[a](x[a]), b: model[b](x[b])}
             loss = contrastive_loss(z[a], z[b], args.temperature)  # a regulariser or replay term would be added here
             opt.zero_grad(set_to_none=True)
-            for m in proj:
+            projected = [m for m in (a, b) if proj.get(m) is not None]
+            for m in projected:
                 z[m].retain_grad()  # Delta = dL/dz, the factor of the weight gradient
             loss.backward()
             norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             coef = min(1.0, args.max_grad_norm / (float(norm) + 1e-6))  # the factor clipping applied
             with proj_sw:  # METHOD LOGIC: Eq. (DNS) on weight gradients, after clipping, before AdamW
-                for m, x in ((a, xa[idx]), (b, xb[idx])):
-                    if proj.get(m) is not None:
-                        w = model[m].weight
-                        w.grad = project_gradient_factored(w.grad, z[m].grad, x, coef, proj[m])
+                for m in projected:
+                    w = model[m].weight
+                    w.grad = project_gradient_factored(w.grad, z[m].grad, x[m], coef, proj[m])
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -354,7 +354,7 @@ def main(args: Args) -> dict:
     keys = ["acc"] + [k + s for k in ("r1", "r5", "r10") for s in ("", "_ab", "_ba")]
     mats = {k: [[None] * T for _ in range(T + 1)] for k in keys}
     fill_row(mats, 0, evaluate(model, steps, datasets, args))  # row 0: the frozen backbone (identity projections)
-    state = DNSState({}, {}, set())
+    state = DNSState({}, {})
     times = {"train": [], "projection": [], "eval": []}
     for t, (ds, a, b) in enumerate(steps):
         t0, proj_sw = time.perf_counter(), common.Stopwatch()
@@ -381,7 +381,7 @@ def main(args: Args) -> dict:
         print(f"step {t + 1:2d}/{T} {names[t]:<24} loss {np.mean(losses):8.4f}  {args.epochs * len(xa) / t_train:8.0f} samples/s"
               f"  train {t_train:6.2f}s (projection {proj_sw.total:.2f}s)  eval {times['eval'][-1]:.2f}s")
         if tracker:
-            tracker.log({"loss": float(np.mean(losses)), "step": t + 1, **{k: v for k, v in summarize(mats).items() if v}})
+            tracker.log({"loss": float(np.mean(losses)), "step": t + 1, **{k: v for k, v in summarize(mats).items() if v is not None}})
         if args.save_model:
             torch.save({"model": model.state_dict(), "dns": vars(state), "args": vars(args), "step": t + 1},
                        os.path.join(run_dir, "model.pt"))

@@ -427,10 +427,11 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo) -> float:
     return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
 
 
-def evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args) -> dict:
+def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args) -> dict:
+    """One row: (closed-set, open) accuracy per task (answers[t] = its answer vocabulary) and generation."""
     model.eval()
-    acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, args.quirk_eval_routing,
-                        answer_vocab(streams[f"{t}_train"], model.head.out_features)) for t in tasks]
+    acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, args.quirk_eval_routing, answers[t])
+           for t in tasks]
     row = {"acc": [a[0] for a in acc], "acc_open": [a[1] for a in acc],
            "gen_nll": generation_nll(model, streams["reference_test"], scheme, image_lo),
            "gen_match": generation_match(model, *gen_probe, scheme, image_lo) if gen_probe else None}
@@ -541,7 +542,8 @@ def main(args: Args) -> dict:
     print(f"method {args.method} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
           f"{sum(p.numel() for p in model.parameters())} parameters")
 
-    rows = [evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args)]
+    answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
+    rows = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args)]
     r = rows[0]
     print(f"pre-trained: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
     conflicts, train_sw, eval_sw = [], common.Stopwatch(), common.Stopwatch()
@@ -571,7 +573,7 @@ def main(args: Args) -> dict:
                           f"loss {loss.item():.4f} ce {ce.item():.4f} kd {kd.item():.5f} "
                           f"{dt:.1f}s ({(step + 1) / dt:.1f} steps/s)", flush=True)
         with eval_sw:
-            rows.append(evaluate(model, streams, tasks, scheme, image_lo, gen_probe, args))
+            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args))
         r = rows[-1]
         print(f"after {task}: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
         if tracker:

@@ -323,3 +323,4 @@ def test_subprocess_smoke(tmp_path):
     assert "after stage 3 (IT)" in p.stdout and "epoch 1/1" in p.stdout
     res = json.load(open(out / "results.json"))
     assert 0 <= res["summary"]["va_acc"] <= 100 and os.path.exists(out / "args.json")
+    assert res["stages"] == ["VT", "AT", "IT"] and len(res["evals"]) == 4  # init + one row per stage

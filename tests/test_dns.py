@@ -57,9 +57,8 @@ def test_default_left_threshold_is_the_scale_free_numerical_span():
         c = scale * q @ torch.diag(evals) @ q.T
         assert round(float(torch.trace(dense(dns.make_projector(c, None), 6)))) == 4
     # the right side keeps the paper's absolute lambda_min; the left side defaults to the span
-    state = dns.DNSState({}, {}, set())
+    state = dns.DNSState({}, {})
     state.c_in["a"] = state.c_out["a"] = q @ torch.diag(evals) @ q.T
-    state.seen.add("a")
     p_out, p_in = dns.build_projectors(state, "a", 0.01, None, one_sided=False)
     assert round(float(torch.trace(dense(p_out, 6)))) == 4 and round(float(torch.trace(dense(p_in, 6)))) == 3
 
@@ -68,7 +67,7 @@ def trained_state(gen, d=32, r=6, one_step=True):
     """Modalities a, b trained on old data (random weights), statistics accumulated as at the end of a step."""
     xa, xb = low_rank(300, d, r, gen, 3.0), low_rank(300, d, r, gen, 3.0)
     wa, wb = torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen), torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen)
-    state = dns.DNSState({}, {}, set())
+    state = dns.DNSState({}, {})
     dns.update_covariance(state, xa, xb, wa, wb, "a", "b")
     return state, xa, xb, wa, wb
 
@@ -130,7 +129,7 @@ def test_covariance_update_matches_hand_formula():
     gen = torch.Generator().manual_seed(5)
     x1, y1, x2, z2 = (torch.randn(n, 4, generator=gen) for n in (3, 3, 5, 5))
     wa, wb, wc = (torch.randn(4, 4, generator=gen) for _ in range(3))
-    st = dns.DNSState({}, {}, set())
+    st = dns.DNSState({}, {})
     dns.update_covariance(st, x1, y1, wa, wb, "a", "b")
     dns.update_covariance(st, x2, z2, wa, wc, "a", "c")  # global count: 3 then 8
     d = lambda t: t.double()
@@ -139,7 +138,7 @@ def test_covariance_update_matches_hand_formula():
     assert torch.allclose(st.c_in["b"], d(y1).T @ d(y1) / 3)  # absent at step 2: not rescaled
     exp_out_a = d(wb) @ (d(y1).T @ d(y1) / 3) @ d(wb).T * 3 / 8 + d(wc) @ (d(z2).T @ d(z2) / 8) @ d(wc).T
     assert torch.allclose(st.c_out["a"], exp_out_a)
-    assert st.seen == {"a", "b", "c"}
+    assert set(st.c_in) == set(st.c_out) == {"a", "b", "c"}
 
 
 def test_inactive_modalities_are_bit_identical_after_a_step():

@@ -220,7 +220,10 @@ def test_subprocess_smoke(e2e, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "loaded pre-trained model" in p.stdout
-    assert json.load(open(tmp_path / "out" / "results.json"))["method"] == "moe-lora"
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    assert res["method"] == "moe-lora" and res["tasks"] == ["scienceqa", "textvqa"]
+    assert [len(r) for r in res["acc_matrix"]] == [2, 2, 2] and [len(r) for r in res["acc_open_matrix"]] == [2, 2, 2]
+    assert all(c >= o for rc, ro in zip(res["acc_matrix"], res["acc_open_matrix"]) for c, o in zip(rc, ro))
 
 
 def test_data_dir_roundtrip_runs(tmp_path):
