@@ -63,6 +63,7 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
   8. CPC: 1-layer LSTM (paper; the code has 2), 1 prediction step. CLUB: 3 inner Adam steps (code: 5).
      AVVP's extra ExpLogLoss is omitted; downstream heads are trained full batch for `cls_steps` steps
      from a seeded init (spec 5.4.4), test sets are separate samples (CMG's ave.py tests on train videos).
+  9. Always runs on CPU: the model is CPU-sized and --cuda is ignored (the run prints whether CUDA exists).
 """
 
 import os
