@@ -2,8 +2,17 @@
 
 Leaf functions only. Every loader raises DataError with a message that names the file and the problem;
 the method scripts turn it into a clear error and exit code 2 before anything is written.
+
+Contents (section: what -> used by)
+    shared: DataError, check_finite, read_npz                                          -> all three
+    DNS:    DNS_* constants, parse_dns_steps, make_dns_benchmark, load_dns_split,
+            load_dns_features                                                          -> dns.py
+    COMET:  comet_pair_modalities, comet_world, comet_sample, comet_benchmark,
+            load_comet_npz                                                             -> comet.py
+    MoDE:   mode_sequences, make_mode_world, mode_read_image, load_mode_dir            -> mode.py
 """
 
+import json
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,6 +28,17 @@ def check_finite(name: str, arr: np.ndarray) -> None:
     """Reject NaN / inf values with a message naming the array."""
     if not np.isfinite(arr).all():
         raise DataError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
+
+
+def read_npz(path: str, hint: str = "") -> Dict[str, np.ndarray]:
+    """Every array of a .npz file, read without pickle; DataError naming the file otherwise (hint: what it should hold)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found" + (f" ({hint})" if hint else ""))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # bad zip, pickled object arrays, ...
+        raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
 
 
 # ============================================================================= DNS (dns.py)
@@ -131,19 +151,9 @@ def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], see
     return out
 
 
-def _load_npz(path: str) -> Dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:  # bad zip, pickled object arrays, ...
-        raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
-
-
 def load_dns_split(path: str, needed: Sequence[str]) -> dict:
     """Read and validate one `{dataset}_{split}.npz` file (format in README, section DNS)."""
-    z = _load_npz(path)
+    z = read_npz(path)
     extra = {"label", "class_names", "class_text"}
     unknown = [k for k in z if k not in DNS_MODALITY_ORDER and k not in extra]
     if unknown:
@@ -287,13 +297,7 @@ def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_tes
 
 def _comet_check_file(path: str, name: str, dims: Dict[str, int], T: Optional[int]) -> Tuple[dict, int]:
     """Read and validate one {pair}_{split}.npz; return (arrays, T)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (expected arrays {comet_pair_modalities(name)} of shape [N, T, d])")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
-    except Exception as e:  # zip / format errors
-        raise DataError(f"{path}: cannot read npz ({e})")
+    raw = read_npz(path, hint=f"expected arrays {comet_pair_modalities(name)} of shape [N, T, d]")
     out, n = {}, None
     for m in comet_pair_modalities(name):
         if m not in raw:
@@ -465,8 +469,6 @@ def mode_read_image(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarr
 def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
     """Read a --data-dir for mode.py: meta.json + one .npz per stream (see mode.py's docstring).
     Returns (meta, streams); raises DataError naming the file and the problem."""
-    import json
-
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: --data-dir is not a directory")
@@ -487,13 +489,7 @@ def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
 
 
 def _mode_load_stream(path: str, V: int, max_len: int) -> Dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
+    d = read_npz(path, hint="expected arrays tokens, modality, loss_mask")
     for k in ("tokens", "modality", "loss_mask"):
         if k not in d:
             raise DataError(f"{path}: missing array '{k}' (has {sorted(d)})")
