@@ -1,5 +1,7 @@
 """Hand-computed checks of the continual-learning metric formulas in common.py."""
 
+import json
+
 import pytest
 import torch
 
@@ -53,3 +55,141 @@ def test_recall_at_k_perfect_and_reversed():
     assert common.recall_at_k(torch.eye(5) * 3, ks=(1,)) == [100.0]
     rev = -torch.eye(5)  # the true partner is strictly last
     assert common.recall_at_k(rev, ks=(1, 4, 5)) == [0.0, 0.0, 100.0]
+
+
+# ----------------------------------------------------------------------------- non-finite input, divergence
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_recall_at_k_refuses_non_finite_scores(bad):
+    s = torch.eye(4)
+    s[1, 2] = bad
+    with pytest.raises(ValueError, match="R@K.*non-finite.*step 3"):
+        common.recall_at_k(s, where="step 3")
+
+
+@pytest.mark.parametrize("fn", [common.final_average, common.backward_transfer, common.forgetting])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_matrix_metrics_refuse_non_finite(fn, bad):
+    with pytest.raises(ValueError, match="row 2, entry 0"):
+        fn([[0.0, 0.0], [1.0, 2.0], [bad, 3.0]])
+
+
+def test_stop_if_diverged_exits_1_naming_where_and_term(capsys):
+    common.stop_if_diverged({"loss": torch.tensor(1.0)}, "step 1")  # finite: nothing happens
+    with pytest.raises(SystemExit) as e:
+        common.stop_if_diverged({"loss": 1.0, "ewc": torch.tensor(float("nan"))}, "step 2 (esc50) epoch 3")
+    assert e.value.code == 1
+    assert "step 2 (esc50) epoch 3: ewc = nan" in capsys.readouterr().err
+
+
+def test_write_json_is_strict(tmp_path):
+    with pytest.raises(ValueError):
+        common.write_json(str(tmp_path / "a.json"), {"x": float("nan")})
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_derive_seed_is_stable_and_purpose_specific():
+    assert common.derive_seed(1, "batches") == common.derive_seed(1, "batches")
+    assert len({common.derive_seed(1, "batches"), common.derive_seed(1, "replay"), common.derive_seed(2, "batches")}) == 3
+    assert 0 <= common.derive_seed(123, "x") < 2**63
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    import random
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    common.seed_everything(3)
+    args = type("A", (), {})()
+    common.save_checkpoint(str(tmp_path), "dns", args, 1, 2, {"rng": common.rng_state({"g": gen})})
+    want = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    common.restore_rng(ckpt["rng"], {"g": gen})
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item()) == want
+    assert ckpt["done"] == 1 and ckpt["script"] == "dns"
+
+
+def test_tag_lists_only_non_default_fields():
+    from dataclasses import dataclass, field
+    from typing import List
+
+    @dataclass
+    class A:
+        lr: float = 0.1
+        k: int = 3
+        steps: List[str] = field(default_factory=lambda: ["a"])
+
+    assert common.tag(A(), ["lr", "k", "steps"], A()) == ""
+    assert common.tag(A(lr=0.2, steps=["a", "b"]), ["lr", "k", "steps"], A()) == "lr=0.2,steps=a b"
+
+
+# ----------------------------------------------------------------------------- the table command
+def _fake_run(root, method, seed, acc, bwt, variant="", backbone="imagebind", torch_version="2.13.0"):
+    d = root / f"{method}_{variant}_{seed}"
+    d.mkdir(parents=True)
+    res = {"schema": 1, "script": "dns", "method": method, "variant": variant, "data": "builtin",
+           "backbone": backbone, "seed": seed, "env": {"torch": torch_version},
+           "summary": {"acc": acc, "bwt_acc": bwt}, "timing_s": {"total": 10.0 * seed, "train": [1.0, 2.0]}}
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def test_table_cells_and_paired_differences(tmp_path, capsys):
+    for s, acc, bwt in ((1, 70.0, 0.0), (2, 72.0, None), (3, 74.0, 1.0)):
+        _fake_run(tmp_path, "dns", s, acc, bwt)
+    for s, acc, bwt in ((1, 60.0, -10.0), (2, 66.0, -8.0), (3, 63.0, -9.0)):
+        _fake_run(tmp_path, "vanilla", s, acc, bwt)
+    text = common.table([str(tmp_path)], metrics=["acc", "bwt_acc", "time_total", "time_train"],
+                        paired_with="vanilla", out=str(tmp_path / "t.md"))
+    lines = text.splitlines()
+    assert lines[0] == "| method | seeds | acc | bwt_acc | time_total | time_train |"
+    # dns acc: mean 72, std 2; bwt: (0, 1) -> 0.50 ± 0.71 over n=2; times 20 ± 10, train sum 3
+    assert lines[2] == "| dns | 3 | 72.00 ± 2.00 | 0.50 ± 0.71 (n=2) | 20.00 ± 10.00 | 3.00 ± 0.00 |"
+    assert lines[3] == "| vanilla | 3 | 63.00 ± 3.00 | -9.00 ± 1.00 | 20.00 ± 10.00 | 3.00 ± 0.00 |"
+    # paired acc differences (10, 6, 11): mean 9, sd sqrt(7), s.e. sqrt(7/3) = 1.53, 3 of 3 positive
+    paired = [ln for ln in lines if ln.startswith("| dns | 3 |") and "±" in ln][-1]
+    assert "+9.00 ± 1.53 (3/3)" in paired
+    # bwt differences over seeds 1, 3 only: (10, 10) -> +10.00 ± 0.00 (2/2)
+    assert "+10.00 ± 0.00 (2/2)" in paired
+    assert (tmp_path / "t.md").read_text().strip() == text
+
+
+def test_table_rejects_duplicate_seed_and_empty_dirs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        common.table([str(tmp_path / "empty")])
+    assert e.value.code == 2
+    _fake_run(tmp_path / "a", "dns", 1, 70.0, 0.0)
+    _fake_run(tmp_path / "b", "dns", 1, 71.0, 0.0)
+    with pytest.raises(SystemExit) as e:
+        common.table([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert e.value.code == 2 and "appears twice" in capsys.readouterr().err
+
+
+def test_table_shows_differing_group_keys_and_per_seed(tmp_path):
+    _fake_run(tmp_path, "dns", 1, 70.0, 0.0)
+    _fake_run(tmp_path, "dns", 2, 71.0, 0.0)
+    _fake_run(tmp_path, "dns", 1, 50.0, 0.0, variant="epochs=1")
+    text = common.table([str(tmp_path)], metrics=["acc"], per_seed=True)
+    assert "| method | variant | seeds | acc |" in text
+    assert "| dns | (defaults) | 2 | 70.50 ± 0.71 (70.00, 71.00) |" in text
+    assert "| dns | epochs=1 | 1 | 50.00 |" in text
+
+
+def test_table_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    _fake_run(tmp_path, "dns", 1, 70.0, 0.0)
+    out = subprocess.run([sys.executable, "common.py", "table", str(tmp_path), "--metrics", "acc"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| dns | 1 | 70.00 |" in out
+
+
+def test_read_npz_rejects_pickled_arrays(tmp_path):
+    import numpy as np
+    import data
+
+    np.savez(tmp_path / "x.npz", a=np.array([{"k": 1}], dtype=object))
+    with pytest.raises(data.DataError, match="x.npz: cannot read as .npz without pickle"):
+        data.read_npz(str(tmp_path / "x.npz"))
+    with pytest.raises(data.DataError, match="missing.npz: file not found \\(hint\\)"):
+        data.read_npz(str(tmp_path / "missing.npz"), hint="hint")
