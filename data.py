@@ -5,8 +5,9 @@ the method scripts turn it into a clear error and exit code 2 before anything is
 
 Contents (section: what -> used by)
     shared: DataError, check_finite, read_npz                                          -> all three
-    DNS:    DNS_* constants, parse_dns_steps, make_dns_benchmark, load_dns_split,
-            load_dns_features                                                          -> dns.py
+    DNS:    DNS_* constants, parse_dns_steps, make_dns_benchmark, dns_modality_order,
+            check_dns_arrays, load_dns_split (.npz), read_h5_rows, dns_h5_labels,
+            load_dns_h5_split (official CMCL .h5), load_dns_features                   -> dns.py
     COMET:  comet_pair_modalities, comet_world, comet_sample, comet_benchmark,
             load_comet_npz                                                             -> comet.py
     MoDE:   mode_sequences, make_mode_world, mode_read_image, load_mode_dir            -> mode.py
@@ -67,19 +68,21 @@ DNS_ACC_ONLY = {"ucf101"}  # the official evaluation computes no retrieval for U
 _IB_SCALE = {"vision": 1.0, "video": 1.0, "tactile": 1.0, "text": 100.0, "audio": 20.0, "depth": 5.0, "thermal": 10.0}
 _LB_SCALE = {m: (1.0 if m == "text" else 100.0) for m in _IB_SCALE}
 DNS_FEATURE_SCALE = {"imagebind": _IB_SCALE, "languagebind": _LB_SCALE, "unibind": _IB_SCALE}
+DNS_MODALITY_NAME = r"[A-Za-z0-9_]+"  # .npz data may name modalities freely; `text` gives zero-shot prototypes
+DNS_SPLIT_EXTRA = ("label", "class_names", "class_text")  # the non-modality arrays of a split
+# Official cache: datasets whose text row is the class name, so labels follow from the class prototypes
+DNS_H5_LABELLED = ("ucf101", "esc50", "vggsound_s")
 
 
 def parse_dns_steps(items: Sequence[str]) -> List[Tuple[str, str, str]]:
-    """Parse `dataset:modA-modB` items into (dataset, modA, modB); modality names must be known."""
+    """Parse `dataset:modA-modB` items into (dataset, modA, modB); modality names: letters, digits, underscore."""
     steps = []
     for item in items:
-        m = re.fullmatch(r"([^:\s]+):([a-z]+)-([a-z]+)", item)
+        m = re.fullmatch(rf"([^:\s]+):({DNS_MODALITY_NAME})-({DNS_MODALITY_NAME})", item)
         if m is None:
-            raise DataError(f"--steps item '{item}': expected 'dataset:modA-modB', e.g. 'esc50:text-audio'")
+            raise DataError(f"--steps item '{item}': expected 'dataset:modA-modB', e.g. 'esc50:text-audio' "
+                            "(modality names: letters, digits, underscore)")
         ds, a, b = m.groups()
-        for mod in (a, b):
-            if mod not in DNS_MODALITY_ORDER:
-                raise DataError(f"--steps item '{item}': unknown modality '{mod}' (known: {', '.join(DNS_MODALITY_ORDER)})")
         if a == b:
             raise DataError(f"--steps item '{item}': a step needs two different modalities")
         steps.append((ds, a, b))
@@ -151,18 +154,22 @@ def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], see
     return out
 
 
-def load_dns_split(path: str, needed: Sequence[str]) -> dict:
-    """Read and validate one `{dataset}_{split}.npz` file (format in README, section DNS)."""
-    z = read_npz(path)
-    extra = {"label", "class_names", "class_text"}
-    unknown = [k for k in z if k not in DNS_MODALITY_ORDER and k not in extra]
+def dns_modality_order(names: Sequence[str]) -> List[str]:
+    """Modality names in the global order of the official code; free (.npz) names after them, sorted."""
+    return [m for m in DNS_MODALITY_ORDER if m in names] + sorted(set(names) - set(DNS_MODALITY_ORDER))
+
+
+def check_dns_arrays(path: str, z: Dict[str, np.ndarray], needed: Sequence[str]) -> dict:
+    """Validate the arrays of one split (read from .npz or .h5) into {"feats", "label", "class_text"}."""
+    unknown = [k for k in z if k not in DNS_SPLIT_EXTRA and not re.fullmatch(DNS_MODALITY_NAME, k)]
     if unknown:
-        raise DataError(f"{path}: unknown array(s) {unknown} (expected modality names {DNS_MODALITY_ORDER} or {sorted(extra)})")
+        raise DataError(f"{path}: unknown array(s) {unknown} (expected modality names of letters, digits and "
+                        f"underscore, or {list(DNS_SPLIT_EXTRA)})")
     for m in needed:
         if m not in z:
             raise DataError(f"{path}: missing modality array '{m}' (has {sorted(z)})")
     feats = {}
-    for m in [k for k in DNS_MODALITY_ORDER if k in z]:
+    for m in dns_modality_order([k for k in z if k not in DNS_SPLIT_EXTRA]):
         a = z[m]
         if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
             raise DataError(f"{path}: array '{m}' must be float [N, d], got {a.dtype} {list(a.shape)}")
@@ -178,7 +185,8 @@ def load_dns_split(path: str, needed: Sequence[str]) -> dict:
     if class_text is not None:
         if "text" not in feats or class_text.ndim != 2 or class_text.shape[1] != feats["text"].shape[1]:
             d_text = feats["text"].shape[1] if "text" in feats else "no text array"
-            raise DataError(f"{path}: class_text has shape {list(class_text.shape)}, expected [C, {d_text}] (the text dim)")
+            raise DataError(f"{path}: class_text has shape {list(class_text.shape)}, "
+                            f"expected [C, {d_text}] (the text dim)")
         check_finite(f"{path}: class_text", class_text)
         class_text = class_text.astype(np.float32)
     if label is not None:
@@ -191,17 +199,91 @@ def load_dns_split(path: str, needed: Sequence[str]) -> dict:
     return {"feats": feats, "label": label, "class_text": class_text}
 
 
-def load_dns_features(data_dir: str, steps: Sequence[Tuple[str, str, str]]) -> Dict[str, dict]:
-    """Load `{data_dir}/{dataset}_{train,test}.npz` for every dataset in `steps`; same layout as the builder."""
+def load_dns_split(path: str, needed: Sequence[str]) -> dict:
+    """Read and validate one `{dataset}_{split}.npz` file (format in README, section DNS)."""
+    return check_dns_arrays(path, read_npz(path), needed)
+
+
+def read_h5_rows(path: str) -> Tuple[List[str], np.ndarray]:
+    """(sorted keys, stacked values) of an HDF5 file holding one root dataset per key, as the CMCL cache does."""
+    try:
+        import h5py  # optional extra: only the official .h5 cache needs it
+    except ImportError as e:
+        raise DataError(f"{path}: reading the official .h5 feature cache needs h5py: pip install h5py") from e
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            groups = [k for k in keys if not isinstance(f[k], h5py.Dataset)]
+            if groups:
+                raise DataError(f"{path}: group key(s) {groups[:3]} (a '/' in a sample id?); "
+                                "expected one root dataset per sample")
+            rows = [np.asarray(f[k][()]) for k in keys]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read as HDF5 ({e})") from e
+    shapes = sorted({r.shape for r in rows})
+    if len(shapes) != 1:
+        raise DataError(f"{path}: " + (f"datasets of different shapes {shapes[:3]}" if shapes else "no datasets"))
+    return keys, np.stack(rows)
+
+
+def dns_h5_labels(path: str, keys: Sequence[str], text: np.ndarray, class_path: str) -> Dict[str, np.ndarray]:
+    """Labels of an official-cache split: the class prototype equal to each sample's text row, else ImageBind's
+    key field `{id}__{name}__tensor(k)`; class names sorted (the official label order), prototypes in that order."""
+    if not os.path.isfile(class_path):
+        raise DataError(f"{class_path}: file not found (class prototypes, needed for the labels of {path})")
+    names, protos = read_h5_rows(class_path)
+    if protos.ndim != 2 or protos.shape[1] != text.shape[1]:
+        raise DataError(f"{class_path}: prototypes have shape {list(protos.shape)}, expected [C, {text.shape[1]}]")
+    t, c = text.astype(np.float64), protos.astype(np.float64)
+    dist2 = (t * t).sum(1)[:, None] - 2 * t @ c.T + (c * c).sum(1)[None]
+    label = dist2.argmin(1)
+    dist = np.sqrt(np.maximum(dist2[np.arange(len(t)), label], 0.0))
+    if not (dist <= 1e-3 * np.linalg.norm(c[label], axis=1)).all():
+        fields = [k.rsplit("__", 2) for k in keys]
+        if any(len(f) != 3 or f[1] not in names for f in fields):
+            raise DataError(f"{path}: cannot recover labels: text rows match no class prototype of {class_path} "
+                            "and the keys carry no known class name (ImageBind keys '{id}__{name}__tensor(k)')")
+        label = np.array([names.index(f[1]) for f in fields])
+    return {"label": label.astype(np.int64), "class_names": np.array(names), "class_text": protos}
+
+
+def load_dns_h5_split(path: str, ds: str, needed: Sequence[str], class_path: str) -> dict:
+    """Read and validate one split of the official CMCL cache (`{ds}_{split}_{backbone}.h5`): sorted sample keys,
+    value [n_modalities, d] with rows = the dataset's modalities in the global order (DNS_DATASETS[ds][0])."""
+    if ds not in DNS_DATASETS:
+        raise DataError(f"{path}: dataset '{ds}' is none of the official datasets ({', '.join(DNS_DATASETS)}), "
+                        "so its row order is unknown; convert it to .npz")
+    keys, x = read_h5_rows(path)
+    mods = DNS_DATASETS[ds][0]
+    if x.ndim != 3 or x.shape[1] != len(mods):
+        raise DataError(f"{path}: samples have shape {list(x.shape[1:])}, expected [{len(mods)}, d] (rows {mods})")
+    z = {m: x[:, i] for i, m in enumerate(mods)}
+    if ds in DNS_H5_LABELLED:  # nyudv2 skipped: its step has no text side and its class file may hold vision rows
+        z.update(dns_h5_labels(path, keys, z["text"], class_path))
+    return check_dns_arrays(path, z, needed)
+
+
+def load_dns_features(data_dir: str, steps: Sequence[Tuple[str, str, str]], backbone: Optional[str] = None
+                      ) -> Dict[str, dict]:
+    """Load every dataset in `steps`, per split `{ds}_{split}.npz`, else the official CMCL cache
+    `{ds}_{split}_{backbone}.h5` (+ `{ds}_class_{backbone}.h5`); same layout as the builder."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: --data-dir is not a directory")
     out, dims = {}, {}
     for ds in dict.fromkeys(s[0] for s in steps):
         needed = sorted({m for s in steps if s[0] == ds for m in s[1:]})
-        out[ds] = {split: load_dns_split(os.path.join(data_dir, f"{ds}_{split}.npz"), needed) for split in ("train", "test")}
+        out[ds] = {}
         for split in ("train", "test"):
+            where = os.path.join(data_dir, f"{ds}_{split}.npz")
+            h5 = os.path.join(data_dir, f"{ds}_{split}_{backbone}.h5")
+            if os.path.isfile(where) or not backbone:
+                out[ds][split] = load_dns_split(where, needed)
+            elif os.path.isfile(h5):
+                class_path = os.path.join(data_dir, f"{ds}_class_{backbone}.h5")
+                out[ds][split], where = load_dns_h5_split(h5, ds, needed, class_path), h5
+            else:
+                raise DataError(f"{where}: file not found, nor the official cache file {h5}")
             for m, a in out[ds][split]["feats"].items():
-                where = os.path.join(data_dir, f"{ds}_{split}.npz")
                 if dims.setdefault(m, (a.shape[1], where))[0] != a.shape[1]:
                     raise DataError(f"{where}: modality '{m}' has dim {a.shape[1]} but {dims[m][0]} in {dims[m][1]}")
     return out
