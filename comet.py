@@ -20,11 +20,13 @@ another modality's codes (zero-shot cross-modal generalization).
 Usage:
     python comet.py                                  # VT -> AT -> IT on the built-in benchmark, full COMET
     python comet.py --order AT VT IT                 # the paper's second order
-    python comet.py --no-pmr                         # Table 6: --no-pmr --no-moe --no-gate-loss --no-ewc --no-specific-layers
+    python comet.py --no-pmr                         # Table 6 ablations: --no-pmr, --no-moe, --no-gate-loss, ...
+    python comet.py --no-pmr --no-expand             # "w/o PM (paper scope)": fixed codebook, no replay
     python comet.py --no-comet                       # continual DCID (fixed codebook, no adapter, no replay)
     python comet.py --no-comet --k1 64               # same-capacity DCID control (COMET ends with 32+16+16 codes)
     python comet.py --joint --no-comet               # non-continual oracle: all pairs in one stage
     python comet.py --data-dir feats/                # real features {vt,at,it,va}_{train,test}.npz, ia_test.npz
+    python comet.py --resume runs/RUN                # continue a killed run from its last completed stage
 
 Metrics (after every stage; row 0 = untrained model). Percent unless noted.
     cls X->Y   accuracy of a classifier (Linear -> max over T -> Linear) trained on modality X's quantised
@@ -34,6 +36,7 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
     ret XY     R@1/5/10 for X->Y and Y->X (cosine of the time-mean quantised vectors, ties in expectation,
                common.recall_at_k); avg = mean of the 6 numbers. Seen pairs VT/AT/IT, unseen VA/IA
     va_acc     mean(cls V->A, cls A->V) after the last stage; va_f1 likewise; va_avg = mean of the 4
+               (va_avg_s{k}: after stage k)
     vt_forgetting  ret VT avg right after the VT stage - after the last stage
     seen_forgetting  common.forgetting of the stage x stage seen-pair matrix (Chaudhry et al.)
     multi_share share of all K codes used by >= 2 modalities (used = >= `use_threshold` of that modality's
@@ -41,15 +44,20 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
                are equal (CMG's equal_num); perplexity = exp(entropy of code usage) (not %);
                gate_entropy = mean over modalities of the entropy of the mean gate vector (nats; log 6 = 1.79)
 
+Outputs (common.results_envelope): `tasks` = the stages; `matrices` = the stage pairs' retrieval
+(ret_avg, ret_r{1,5,10}_{fwd,bwd}; a --joint stage scores the mean over its pairs); `extra` holds per-row
+series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg),
+`diagnostics` and `train_steps`; `summary` is flat.
+
 Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices are the spec's [assumption]s):
   1. Sizes scaled for CPU (spec 5.2): D = 32, 1 transformer layer, Psi = Linear+ReLU to 16, linear decoders,
      K1 = 32, K2 = 16, batch 64, Adam 1e-3, clip 1.0, float32; every size is a flag. Inputs are
      pre-extracted [N, T, d] sequences; video has no 7x7 spatial map and text no BERT/BiLSTM front end.
   2. MM-EMA (Eq. 3) as the paper writes it: one joint update with a parameter-free cross-attention partner
-     r^b = softmax(z^a z^bT / sqrt D) z^b; `--ema-partner aligned` is the released code's same-index partner.
-     Counts start at 1 (not 0) so unused codes stay put; Laplace smoothing as in the code.
+     r^b = softmax(z^a z^bT / sqrt D) z^b; `--official-aligned-partner` is the released code's same-index
+     partner. Counts start at 1 (not 0) so unused codes stay put; Laplace smoothing as in the code.
   3. Dead-code reset after `reset_after` idle batches to an active code + U(+-1/128); from stage 2 on only
-     new codes (index >= K_prev) are reset (spec 2.3.5), DCID resets anywhere.
+     new codes (index >= K_prev) are reset (spec 2.3.5), DCID (and --no-expand) resets anywhere.
   4. Adapter: residual z~ = z + sum_j G_j (C_j z + S_{j,m} z), router on the time-mean (one gate vector per
      sample), init N(0, 0.01) so it starts as the identity; VQ, CMCM, CLUB and CPC all use z~.
   5. EWC: empirical Fisher = mean squared gradient of (commit + cmcm + cpc) over `fisher_batches` batches at
@@ -59,17 +67,19 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
      (no distance threshold); P gets its own CPC stream (6 cross terms at 1.0, 3 self at 0.1); weight
      exp(-gamma) per sample on every term involving P, read at the predicted step t+1.
   7. --no-pmr keeps the expanding codebook and restricted reset (only the pseudo-modality stream is removed);
-     --no-moe removes the adapter and with it gate, EWC and specific layers (as in Table 6).
+     --no-expand keeps one codebook of k1 codes (replay from its frozen copy); --no-moe removes the adapter
+     and with it gate, EWC and specific layers (as in Table 6), so those switches are refused beside it.
   8. CPC: 1-layer LSTM (paper; the code has 2), 1 prediction step. CLUB: 3 inner Adam steps (code: 5).
      AVVP's extra ExpLogLoss is omitted; downstream heads are trained full batch for `cls_steps` steps
      from a seeded init (spec 5.4.4), test sets are separate samples (CMG's ave.py tests on train videos).
-  9. Always runs on CPU: the model is CPU-sized and --cuda is ignored (the run prints whether CUDA exists).
+  9. Runs on CUDA when available and --cuda (the model is CPU-sized; only CPU runs are promised
+     bit-identical across a --resume).
 """
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -81,30 +91,44 @@ import common
 import data
 
 RET_PAIRS = ["VT", "AT", "IT", "VA", "IA"]
+RET_KEYS = ["avg"] + [f"r{k}_{d}" for d in ("fwd", "bwd") for k in (1, 5, 10)]
 LETTER = data.COMET_LETTERS
 MEDIATOR = "text"
+COMET_SWITCHES = ("pmr", "expand", "moe", "gate_loss", "ewc", "specific_layers")  # only with --comet
+ADAPTER_SWITCHES = ("gate_loss", "ewc", "specific_layers")  # only with --moe
 
 
 @dataclass
 class Args:
+    """COMET (arXiv 2504.00561): learn one shared discrete code space over stages VT -> AT -> IT (one modality
+    pair per stage, bridged by text) with a CMoE-Adapter, an expanding codebook and Pseudo-Modality Replay;
+    after every stage score zero-shot V<->A transfer, cross-modal retrieval and code sharing. --no-comet runs
+    the continual DCID baseline. Writes args.json, results.json and metrics.csv to the run dir."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (controls data, init, shuffling, evaluation subsets)"""
+    """seed of the experiment (every generator is derived from it with common.derive_seed)"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, deterministic algorithms (cudnn and torch.use_deterministic_algorithms)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (imported lazily)"""
+    """if toggled, the run is tracked with Weights and Biases (pip install wandb)"""
     wandb_project_name: str = "continual-multimodal"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    tensorboard: bool = False
+    """if toggled, log losses and metrics to TensorBoard in the run dir (pip install tensorboard)"""
+    plot: bool = False
+    """if toggled, write acc_matrix.png and acc_curves.png into the run dir (pip install matplotlib)"""
     save_model: bool = False
-    """whether to save the model (and method state) to `runs/{run_name}` after every step"""
+    """keep checkpoint.pt and write model_after_{task}.pt after every task"""
     out_dir: Optional[str] = None
-    """output directory (default: runs/{run_name})"""
+    """output directory (None = runs/{run_name})"""
+    resume: Optional[str] = None
+    """continue the run in this run dir from its last completed task (args must match its args.json)"""
     num_threads: int = 1
     """torch intra-op CPU threads (0 = torch default)"""
 
@@ -126,40 +150,44 @@ class Args:
     noise: float = 0.45
     """built-in: noise on the hidden semantics"""
     shared: float = 0.3
-    """built-in: shared component of the class prototypes (confusability)"""
+    """built-in: shared component of the class prototypes (confusability), in [0, 1]"""
     dom: float = 1.5
     """built-in: size of the dataset-specific text-domain offset (mediator drift between stages)"""
 
     # Algorithm specific arguments
-    no_comet: bool = False
-    """continual DCID baseline: no adapter, no PMR, fixed codebook of k1 codes, reset anywhere"""
-    no_pmr: bool = False
-    """ablation: no pseudo-modality replay stream (codebook still expands)"""
-    no_moe: bool = False
-    """ablation: no CMoE-Adapter (hence no gate loss, EWC or specific layers)"""
-    no_gate_loss: bool = False
-    """ablation: no load-balancing loss"""
-    no_ewc: bool = False
-    """ablation: no EWC on the adapter"""
-    no_specific_layers: bool = False
-    """ablation: experts are the common layer only"""
+    comet: bool = True
+    """COMET; --no-comet = continual DCID baseline: no adapter, no PMR, fixed codebook of k1 codes, reset anywhere"""
+    pmr: bool = True
+    """pseudo-modality replay stream (--no-pmr: ablation; the codebook still expands)"""
+    expand: bool = True
+    """expanding codebook with reset restricted to new codes (--no-expand: fixed codebook of k1 codes)"""
+    moe: bool = True
+    """CMoE-Adapter (--no-moe: ablation, hence no gate loss, EWC or specific layers)"""
+    gate_loss: bool = True
+    """load-balancing loss of the adapter's router (--no-gate-loss: ablation)"""
+    ewc: bool = True
+    """EWC on the adapter (--no-ewc: ablation)"""
+    specific_layers: bool = True
+    """modality-specific expert layers (--no-specific-layers: experts are the common layer only)"""
     joint: bool = False
     """oracle: train all pairs of --order together in one (non-continual) stage"""
+    official_aligned_partner: bool = False
+    """MM-EMA partner as in the CMG code (same-index vector) instead of the paper's cross-attention"""
     epochs: int = 10
-    """epochs per stage"""
+    """epochs per task (COMET stage)"""
     batch_size: int = 64
     """pairs per batch (in-batch negatives for CPC and CMCM)"""
     lr: float = 1e-3
     """Adam learning rate of the main network"""
-    clip: float = 1.0
+    max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     d_model: int = 32
     """semantic / code dimension D (CMG: 256)"""
     n_layers: int = 1
     """transformer layers per semantic encoder (CMG: 2)"""
     n_heads: int = 2
-    """attention heads (CMG: 4)"""
-    d_ffn: int = 64
+    """attention heads, must divide d_model (CMG: 4)"""
+    d_ff: int = 64
     """transformer feed-forward width (CMG: 1024)"""
     d_spec: int = 16
     """modality-specific feature dimension (Psi_m output)"""
@@ -170,9 +198,7 @@ class Args:
     beta: float = 0.25
     """commitment weight (CMG code: 2*beta self + beta partner)"""
     ema_decay: float = 0.99
-    """codebook EMA decay"""
-    ema_partner: Literal["attention", "aligned"] = "attention"
-    """MM-EMA partner: 'attention' (paper, parameter-free cross-attention) or 'aligned' (CMG code)"""
+    """codebook EMA decay, in (0, 1)"""
     reset_after: int = 100
     """re-initialise a code after this many batches without use"""
     club_steps: int = 3
@@ -181,7 +207,7 @@ class Args:
     """learning rate of the CLUB nets"""
     cpc_self_weight: float = 0.1
     """weight of same-modality CPC terms (cross-modal terms have 1.0)"""
-    n_experts: int = 6
+    num_experts: int = 6
     """experts of the CMoE-Adapter"""
     gate_weight: float = 1.0
     """weight of the load-balancing loss"""
@@ -196,7 +222,18 @@ class Args:
     cls_lr: float = 5e-3
     """learning rate of the downstream heads"""
     use_threshold: float = 0.01
-    """a modality 'uses' a code if it gets at least this share of the modality's probe tokens"""
+    """a modality 'uses' a code if it gets at least this share of the modality's probe tokens, in (0, 1]"""
+
+
+INFRA_FIELDS = ("exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
+                "tensorboard", "plot", "save_model", "out_dir", "resume", "num_threads")
+METHOD_FIELDS = ("comet",) + COMET_SWITCHES + ("joint", "official_aligned_partner")
+# results' `variant`: every other non-default algorithm/benchmark field (data_dir is the envelope's `data`)
+VARIANT_FIELDS = ("order", "n_pairs", "n_per_class", "n_test", "seq_len", "sty", "noise", "shared", "dom", "epochs",
+                  "batch_size", "lr", "max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "d_spec", "k1",
+                  "k2", "beta", "ema_decay", "reset_after", "club_steps", "club_lr", "cpc_self_weight",
+                  "num_experts", "gate_weight", "ewc_lambda", "fisher_batches", "pmr_new_weight", "cls_steps",
+                  "cls_lr", "use_threshold")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -235,7 +272,7 @@ class Codebook(nn.Module):
         """Eq. (3) MM-EMA: N_i <- g N_i + (1-g) sum_m n_i^m; o_i <- g o_i + (1-g) sum_m sum_{j:m->i} (z^m_j + r_j)/2;
         e_i = o_i / N_i. `feats` already hold (z^m + r^partner)/2."""
         K = self.embed.shape[0]
-        n, s = torch.zeros(K), torch.zeros_like(self.embed)
+        n, s = torch.zeros(K, device=self.embed.device), torch.zeros_like(self.embed)
         for f, i in zip(feats, idxs):
             onehot = F.one_hot(i.reshape(-1), K).float()
             n, s = n + onehot.sum(0), s + onehot.t() @ f.reshape(-1, f.shape[-1])
@@ -264,17 +301,22 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def expand(self, k2: int):
         """COMET: keep the old codes bit-identical and append k2 new ones."""
-        K, D = self.embed.shape
-        new = torch.empty(k2, D).uniform_(-1 / (K + k2), 1 / (K + k2))
+        (K, D), dev = self.embed.shape, self.embed.device
+        new = torch.empty(k2, D, device=dev).uniform_(-1 / (K + k2), 1 / (K + k2))
         self.embed = torch.cat([self.embed, new])
         self.weight = torch.cat([self.weight, new])
-        self.count = torch.cat([self.count, torch.ones(k2)])
-        self.idle = torch.cat([self.idle, torch.zeros(k2)])
+        self.count = torch.cat([self.count, torch.ones(k2, device=dev)])
+        self.idle = torch.cat([self.idle, torch.zeros(k2, device=dev)])
+
+    def resize_like(self, state: Dict[str, torch.Tensor], prefix: str = "codebook."):
+        """Resume: give the buffers the shapes of a stored (expanded) codebook before load_state_dict."""
+        for name in ("embed", "count", "weight", "idle"):
+            setattr(self, name, torch.empty(state[prefix + name].shape, device=self.embed.device))
 
 
-def partner(za, zb, mode: str):
+def partner(za, zb, aligned: bool):
     """r^b for query z^a: parameter-free cross-attention (paper) or the same-index vector (CMG code)."""
-    if mode == "aligned":
+    if aligned:
         return zb
     att = torch.softmax(za @ zb.transpose(1, 2) / za.shape[-1] ** 0.5, -1)
     return att @ zb
@@ -290,7 +332,7 @@ def cmcm_loss(za, zb, codes):
     pa = torch.softmax(-sq_dist(za, codes).clamp_min(1e-12).sqrt(), -1).mean(1)
     pb = torch.softmax(-sq_dist(zb, codes).clamp_min(1e-12).sqrt(), -1).mean(1)
     S = pa @ torch.log(pb + 1e-10).t() + pb @ torch.log(pa + 1e-10).t()
-    return 0.5 * F.cross_entropy(S, torch.arange(len(S)))
+    return 0.5 * F.cross_entropy(S, torch.arange(len(S), device=S.device))
 
 
 class CLUB(nn.Module):
@@ -329,7 +371,7 @@ class CrossCPC(nn.Module):
         for a in seqs:
             for b in seqs:
                 logp = torch.log_softmax(seqs[b][:, t + 1] @ preds[a].t(), 1).diagonal()  # rows = targets
-                w = torch.full((B,), 1.0 if a != b else self_w)
+                w = torch.full((B,), 1.0 if a != b else self_w, device=preds[a].device)
                 if "P" in (a, b) and p_weight is not None:
                     w = w * p_weight[:, t + 1]  # PMR: new-code positions get exp(-gamma)
                 loss = loss - (w * logp).sum() / B
@@ -339,13 +381,14 @@ class CrossCPC(nn.Module):
 class CMoEAdapter(nn.Module):
     """Eq. (4) MoE(x) = sum_j G_j(x) E_j(x), G = softmax(W_g x); E_j = common C_j + specific S_{j,m}."""
 
-    def __init__(self, mods: List[str], dim: int, n_experts: int, specific: bool):
+    def __init__(self, mods: List[str], dim: int, num_experts: int, specific: bool):
         super().__init__()
-        self.router = nn.Linear(dim, n_experts)
-        self.common_w = nn.Parameter(0.01 * torch.randn(n_experts, dim, dim))
-        self.common_b = nn.Parameter(torch.zeros(n_experts, dim))
-        self.spec_w = nn.ParameterDict({m: nn.Parameter(0.01 * torch.randn(n_experts, dim, dim)) for m in mods} if specific else {})
-        self.spec_b = nn.ParameterDict({m: nn.Parameter(torch.zeros(n_experts, dim)) for m in mods} if specific else {})
+        O, mods = num_experts, mods if specific else []
+        self.router = nn.Linear(dim, O)
+        self.common_w = nn.Parameter(0.01 * torch.randn(O, dim, dim))
+        self.common_b = nn.Parameter(torch.zeros(O, dim))
+        self.spec_w = nn.ParameterDict({m: nn.Parameter(0.01 * torch.randn(O, dim, dim)) for m in mods})
+        self.spec_b = nn.ParameterDict({m: nn.Parameter(torch.zeros(O, dim)) for m in mods})
 
     def forward(self, z, m: str):
         g = torch.softmax(self.router(z.mean(1)), -1)  # [B, O], one gate vector per sample
@@ -363,7 +406,8 @@ def gate_balance_loss(g):
     return ((g.sum(0) / (B / U) - 1) ** 2).mean()
 
 
-def ewc_penalty(named: Dict[str, torch.Tensor], fisher: Dict[str, torch.Tensor], star: Dict[str, torch.Tensor], lam: float):
+def ewc_penalty(named: Dict[str, torch.Tensor], fisher: Dict[str, torch.Tensor], star: Dict[str, torch.Tensor],
+                lam: float):
     """Eq. (6) L_EWC = sum_i lambda/2 F_i (theta_i - theta*_i)^2."""
     return sum((lam / 2 * fisher[n] * (p - star[n]) ** 2).sum() for n, p in named.items() if n in fisher)
 
@@ -388,7 +432,8 @@ class CometModel(nn.Module):
         D = args.d_model
 
         def phi(d):
-            layers = [nn.TransformerEncoderLayer(D, args.n_heads, args.d_ffn, 0.1, batch_first=True) for _ in range(args.n_layers)]
+            layers = [nn.TransformerEncoderLayer(D, args.n_heads, args.d_ff, 0.1, batch_first=True)
+                      for _ in range(args.n_layers)]
             return nn.Sequential(nn.Linear(d, D), *layers)
 
         self.phi = nn.ModuleDict({m: phi(d) for m, d in dims.items()})
@@ -396,7 +441,7 @@ class CometModel(nn.Module):
         self.dec = nn.ModuleDict({m: Decoder(D, args.d_spec, d) for m, d in dims.items()})
         self.club = nn.ModuleDict({m: CLUB(D, args.d_spec, D) for m in dims})
         self.cpc = CrossCPC(list(dims) + ["P"], D)
-        self.adapter = CMoEAdapter(list(dims), D, args.n_experts, not args.no_specific_layers) if use_moe else None
+        self.adapter = CMoEAdapter(list(dims), D, args.num_experts, args.specific_layers) if use_moe else None
         self.codebook = Codebook(args.k1, D, args.ema_decay)
 
     def encode(self, m: str, x):
@@ -413,12 +458,14 @@ def pseudo_modality(z_med, teacher, new_codes, new_weight: float):
     returns the pseudo sequence P [B, T, D] and per-position weights (1 old code, exp(-gamma) new code)."""
     U = torch.cat([teacher, new_codes])
     j = sq_dist(z_med, U).argmin(-1)
-    w = torch.where(j < len(teacher), torch.ones_like(j, dtype=torch.float), torch.full_like(j, new_weight, dtype=torch.float))
+    w = torch.where(j < len(teacher), torch.ones_like(j, dtype=torch.float),
+                    torch.full_like(j, new_weight, dtype=torch.float))
     return U[j], w
 
 
 def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, update: bool, club_opt=None):
-    """All DCID (+COMET) losses of one bimodal batch; `update` runs MM-EMA and the CLUB inner steps."""
+    """All DCID (+COMET) losses of one bimodal batch; `update` runs MM-EMA and the CLUB inner steps.
+    Returns (losses, CLUB fit loss of the last inner step, 0 without update)."""
     cb, (c, b) = model.codebook, list(x)
     z, g, idx, e = {}, {}, {}, {}
     for m in (c, b):
@@ -429,13 +476,16 @@ def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, 
     L = {"commit": commit_loss(z[c], e[c], e[b], args.beta) + commit_loss(z[b], e[b], e[c], args.beta)}
     L["cmcm"] = cmcm_loss(z[c], z[b], cb.embed.clone())  # clone: MM-EMA updates embed in place
     if update:  # Eq. (3): both modalities, each mixed with its cross-modal partner
-        feats = [(z[c] + partner(z[c], z[b], args.ema_partner)) / 2, (z[b] + partner(z[b], z[c], args.ema_partner)) / 2]
+        al = args.official_aligned_partner
+        feats = [(z[c] + partner(z[c], z[b], al)) / 2, (z[b] + partner(z[b], z[c], al)) / 2]
         cb.ema_update([f.detach() for f in feats], [idx[c], idx[b]])
     y = {m: model.psi[m](x[m]) for m in (c, b)}
+    club_nll = torch.zeros((), device=z[c].device)
     if update:  # alternating optimisation: fit q(y|x) on detached inputs first
         for _ in range(args.club_steps):
             club_opt.zero_grad()
-            (-sum(model.club[m].loglik(q[m].detach(), y[m].detach()) for m in (c, b))).backward()
+            club_nll = -sum(model.club[m].loglik(q[m].detach(), y[m].detach()) for m in (c, b))
+            club_nll.backward()
             club_opt.step()
     perm = torch.randperm(len(x[c]))
     L["mi"] = sum(model.club[m].mi_est(q[m], y[m], perm) for m in (c, b))
@@ -446,9 +496,9 @@ def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, 
         seqs["P"], p_weight = pseudo_modality(z[MEDIATOR], teacher, cb.embed[k_prev:], args.pmr_new_weight)
     t = int(torch.randint(1, x[c].shape[1] - 1, ()))
     L["cpc"] = model.cpc(seqs, t, args.cpc_self_weight, p_weight)
-    if model.adapter is not None and not args.no_gate_loss:
+    if model.adapter is not None and args.gate_loss:
         L["gate"] = args.gate_weight * sum(gate_balance_loss(g[m]) for m in (c, b))
-    return L
+    return L, club_nll.detach()
 
 
 def ewc_named(model: CometModel) -> Dict[str, torch.Tensor]:
@@ -462,7 +512,7 @@ def compute_fisher(model: CometModel, args: Args, batches, pmr) -> Dict[str, tor
     fisher = {n: torch.zeros_like(p) for n, p in named.items()}
     model.eval()
     for x in batches:
-        L = pair_losses(model, args, x, pmr, update=False)
+        L, _ = pair_losses(model, args, x, pmr, update=False)
         grads = torch.autograd.grad(L["commit"] + L["cmcm"] + L["cpc"], list(named.values()), allow_unused=True)
         for n, gr in zip(named, grads):
             if gr is not None:
@@ -474,21 +524,25 @@ def compute_fisher(model: CometModel, args: Args, batches, pmr) -> Dict[str, tor
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def quantize_all(model: CometModel, m: str, x: np.ndarray, bs: int = 512):
-    """Frozen encoder -> (code vectors [N, T, D], code indices [N, T], gates [N, O] or None)."""
+def quantize_all(model: CometModel, m: str, x: np.ndarray, where: str = "", bs: int = 512):
+    """Frozen encoder -> (code vectors [N, T, D], code indices [N, T], gates [N, O] or None); non-finite raises."""
     q, idx, gs = [], [], []
     for i in range(0, len(x), bs):
-        z, g = model.encode(m, torch.from_numpy(x[i : i + bs]))
+        z, g = model.encode(m, torch.from_numpy(x[i : i + bs]).to(model.codebook.embed.device))
+        common.require_finite(z, f"{m} embeddings", where)
         j = model.codebook.assign(z)
         q.append(model.codebook.embed[j]), idx.append(j), gs.append(g)
-    return torch.cat(q), torch.cat(idx), (torch.cat(gs) if gs[0] is not None else None)
+    q = torch.cat(q)
+    common.require_finite(q, f"{m} code vectors", where)
+    return q, torch.cat(idx), (torch.cat(gs) if gs[0] is not None else None)
 
 
-def train_head(feats, targets, n_out: int, per_step: bool, args: Args, seed: int):
+def train_head(feats, targets, n_out: int, per_step: bool, args: Args, seed: int, where: str = ""):
     """Full-batch Adam on a Linear -> (max over T) -> Linear head from a seeded init; CE or per-step BCE."""
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Sequential(nn.Linear(feats.shape[-1], feats.shape[-1]), nn.Linear(feats.shape[-1], n_out))
+    head = head.to(feats.device)
     opt = torch.optim.Adam(head.parameters(), lr=args.cls_lr)
     for _ in range(args.cls_steps):
         if per_step:
@@ -498,52 +552,70 @@ def train_head(feats, targets, n_out: int, per_step: bool, args: Args, seed: int
         opt.zero_grad()
         loss.backward()
         opt.step()
+    common.stop_if_diverged({"head loss": loss.detach()}, where)
     return head
 
 
-def f1_score(logits, targets):
+def accuracy(logits, targets, where: str = "") -> float:
+    """Percent of argmax predictions equal to the targets; non-finite logits raise ValueError."""
+    common.require_finite(logits, "accuracy", where)
+    return float((logits.argmax(-1) == targets).float().mean() * 100)
+
+
+def f1_score(logits, targets, where: str = "") -> float:
+    """Localisation F1 (percent) over all cells at threshold 0.5; non-finite logits raise ValueError."""
+    common.require_finite(logits, "localisation F1", where)
     pred = (torch.sigmoid(logits) > 0.5).float()
     tp, p, t = (pred * targets).sum(), pred.sum(), targets.sum()
     prec, rec = float(tp / p) if p > 0 else 0.0, float(tp / t) if t > 0 else 0.0
     return 100 * 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
 
 
-def downstream(model: CometModel, args: Args, dd: Dict[str, dict]) -> Dict[str, Dict[str, float]]:
+def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Dict[str, float]]:
     """AVE analog (classification) and AVVP analog (per-step localization), both directions + within."""
-    q = {(s, m): quantize_all(model, m, dd[f"va_{s}"][m])[0] for s in ("train", "test") for m in ("video", "audio")}
-    ytr, yte = (torch.from_numpy(dd[f"va_{s}"]["label"]) for s in ("train", "test"))
+    q = {(s, m): quantize_all(model, m, dd[f"va_{s}"][m], where)[0]
+         for s in ("train", "test") for m in ("video", "audio")}
+    dev = model.codebook.embed.device
+    ytr, yte = (torch.from_numpy(dd[f"va_{s}"]["label"]).to(dev) for s in ("train", "test"))
     n_cls = int(ytr.max()) + 1
     out = {"cls": {}, "loc": {}}
     for k, (src, tgt) in enumerate((("video", "audio"), ("audio", "video"))):
-        head = train_head(q["train", src], ytr, n_cls, False, args, args.seed * 100 + k)
+        at = f"{where}, {src} classifier"
+        head = train_head(q["train", src], ytr, n_cls, False, args, args.seed * 100 + k, at)
         with torch.no_grad():
             for m in (tgt, src):
-                pred = head[1](head[0](q["test", m]).amax(1)).argmax(-1)
-                out["cls"][f"{src[0].upper()}->{m[0].upper()}"] = float((pred == yte).float().mean() * 100)
+                logits = head[1](head[0](q["test", m]).amax(1))
+                out["cls"][f"{src[0].upper()}->{m[0].upper()}"] = accuracy(logits, yte, at)
         if "step_label" in dd["va_train"] and "step_label" in dd["va_test"]:
-            onehot = [F.one_hot(torch.from_numpy(dd[f"va_{s}"]["step_label"]) + 1, n_cls + 1).float() for s in ("train", "test")]
-            head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, args.seed * 100 + 10 + k)
+            at = f"{where}, {src} localiser"
+            onehot = [F.one_hot(torch.from_numpy(dd[f"va_{s}"]["step_label"]) + 1, n_cls + 1).float().to(dev)
+                      for s in ("train", "test")]
+            head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, args.seed * 100 + 10 + k, at)
             with torch.no_grad():
-                out["loc"][f"{src[0].upper()}->{tgt[0].upper()}"] = f1_score(head(q["test", tgt]), onehot[1])
+                out["loc"][f"{src[0].upper()}->{tgt[0].upper()}"] = f1_score(head(q["test", tgt]), onehot[1], at)
     return out
 
 
 @torch.no_grad()
-def retrieval(model: CometModel, dd: Dict[str, dict]) -> Dict[str, dict]:
-    """Zero-shot R@1/5/10 both ways: cosine of the L2-normalised time-mean quantised vectors."""
+def retrieval(model: CometModel, dd: Dict[str, dict], where: str = "") -> Dict[str, dict]:
+    """Zero-shot R@1/5/10 both ways (cosine of the L2-normalised time-mean quantised vectors): {pair: {RET_KEYS}}."""
     out = {}
     for pair in RET_PAIRS:
         if f"{pair.lower()}_test" not in dd:
             continue
         a, b = (LETTER[c] for c in pair)
-        ea, eb = (F.normalize(quantize_all(model, m, dd[f"{pair.lower()}_test"][m])[0].mean(1), dim=-1) for m in (a, b))
-        fwd, bwd = common.recall_at_k(ea @ eb.t()), common.recall_at_k(eb @ ea.t())
-        out[pair] = {f"{pair[0]}->{pair[1]}": fwd, f"{pair[1]}->{pair[0]}": bwd, "avg": float(np.mean(fwd + bwd))}
+        ea, eb = (F.normalize(quantize_all(model, m, dd[f"{pair.lower()}_test"][m], where)[0].mean(1), dim=-1)
+                  for m in (a, b))
+        fwd = common.recall_at_k(ea @ eb.t(), where=f"{where}, {pair}")
+        bwd = common.recall_at_k(eb @ ea.t(), where=f"{where}, {pair}")
+        out[pair] = {"avg": float(np.mean(fwd + bwd))}
+        for d, vals in (("fwd", fwd), ("bwd", bwd)):
+            out[pair].update({f"r{k}_{d}": v for k, v in zip((1, 5, 10), vals)})
     return out
 
 
 @torch.no_grad()
-def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict]) -> Dict[str, Optional[float]]:
+def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Optional[float]]:
     """Code sharing, same-pair V/A code agreement, perplexity, expert load entropy."""
     probes = {"video": [dd["va_test"]["video"]], "audio": [dd["va_test"]["audio"]], "text": [], "image": []}
     for name in ("vt_test", "at_test", "it_test", "ia_test"):
@@ -554,7 +626,7 @@ def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict]) -> Dict[str,
     counts, gate_h, idx = {}, [], {}
     for m, xs in probes.items():
         if xs and m in model.phi:
-            _, idx[m], g = quantize_all(model, m, np.concatenate(xs))
+            _, idx[m], g = quantize_all(model, m, np.concatenate(xs), where)
             counts[m] = torch.bincount(idx[m].flatten(), minlength=K).float()
             if g is not None:
                 gate_h.append(entropy(g.mean(0)))
@@ -569,11 +641,26 @@ def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict]) -> Dict[str,
     }
 
 
-def evaluate(model: CometModel, args: Args, dd: Dict[str, dict]) -> dict:
+def evaluate(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> dict:
     model.eval()
-    out = downstream(model, args, dd)
-    out["ret"], out["diag"] = retrieval(model, dd), diagnostics(model, args, dd)
+    out = downstream(model, args, dd, where)
+    out["ret"], out["diag"] = retrieval(model, dd, where), diagnostics(model, args, dd, where)
     model.train()
+    return out
+
+
+def va_avg(ev: dict) -> float:
+    """Mean of cls V->A, cls A->V and the localisation F1s (when the data has step labels)."""
+    return float(np.mean([ev["cls"]["V->A"], ev["cls"]["A->V"]] + list(ev["loc"].values())))
+
+
+def row_scalars(ev: dict) -> Dict[str, Optional[float]]:
+    """One evaluation row as TensorBoard / W&B scalars."""
+    out = {f"charts/cls_{k.replace('->', '2')}": v for k, v in ev["cls"].items()}
+    out.update({f"charts/loc_{k.replace('->', '2')}": v for k, v in ev["loc"].items()})
+    out.update({f"charts/ret_{p}": r["avg"] for p, r in ev["ret"].items()})
+    out.update({f"charts/{k}": v for k, v in ev["diag"].items()})
+    out["charts/va_avg"] = va_avg(ev)
     return out
 
 
@@ -587,27 +674,83 @@ def stage_table(evals: List[dict], row_names: List[str]) -> str:
     return common.format_matrix(rows, row_names, cols)
 
 
-# ----------------------------------------------------------------------------- main
-def validate(args: Args) -> List[List[str]]:
-    """Check the arguments; return the stages (lists of pairs) or exit with code 2."""
+# ----------------------------------------------------------------------------- results
+def task_ret(ev: dict, pairs: List[str], key: str) -> Optional[float]:
+    """A stage's retrieval: its pair's value (the mean over its pairs for a --joint stage)."""
+    vals = [ev["ret"][p][key] for p in pairs if p in ev["ret"]]
+    if len(vals) < len(pairs):
+        return None
+    return vals[0] if len(vals) == 1 else float(np.mean(vals))
+
+
+def build_results(evals: List[dict], stages: List[List[str]]):
+    """The envelope's (matrices, extra, summary) and the per-row series for metrics.csv."""
+    names = ["+".join(s) for s in stages]
+    M = {f"ret_{key}": [[task_ret(ev, pairs, key) for pairs in stages] for ev in evals] for key in RET_KEYS}
+    ret = {p: {key: [ev["ret"][p][key] if p in ev["ret"] else None for ev in evals] for key in RET_KEYS}
+           for p in RET_PAIRS if p in evals[-1]["ret"]}
+    down = {"cls_acc": {d: [ev["cls"][d] for ev in evals] for d in evals[-1]["cls"]},
+            "loc_f1": {d: [ev["loc"][d] for ev in evals] for d in evals[-1]["loc"]},
+            "va_avg": [va_avg(ev) for ev in evals]}
+    extra = {"retrieval": ret, "downstream": down, "diagnostics": {k: [ev["diag"][k] for ev in evals]
+                                                                    for k in evals[-1]["diag"]}}
+    series = {f"ret_{key}": {p: v[key] for p, v in ret.items() if p not in names} for key in RET_KEYS}
+    series.update({"cls_acc": down["cls_acc"], "loc_f1": down["loc_f1"], "va_avg": {"V<->A": down["va_avg"]}})
+    series.update({k: {"all": v} for k, v in extra["diagnostics"].items()})
+    return M, extra, make_summary(evals, M, names, extra), series
+
+
+def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> Dict[str, Optional[float]]:
+    """Flat {name: number or null}: final V<->A transfer, forgetting, retrieval, diagnostics, va_avg per stage."""
+    last, T = evals[-1], len(names)
+    vt = extra["retrieval"].get("VT", {}).get("avg")
+    vt_stage = names.index("VT") + 1 if "VT" in names else None
+    summary = {
+        "va_acc": float(np.mean([last["cls"]["V->A"], last["cls"]["A->V"]])),
+        "va_f1": float(np.mean(list(last["loc"].values()))) if last["loc"] else None,
+        "va_avg": va_avg(last),
+        "vv_acc": last["cls"]["V->V"],
+        "vt_forgetting": (vt[vt_stage] - vt[-1]) if vt_stage and vt[-1] is not None else None,
+        "seen_forgetting": common.forgetting(M["ret_avg"]) if T > 1 and None not in M["ret_avg"][-1] else None,
+    }
+    summary.update({f"{p.lower()}_ret": last["ret"].get(p, {}).get("avg") for p in ("VT", "VA", "IA")})
+    summary.update(last["diag"])
+    summary.update({f"va_avg_s{k}": extra["downstream"]["va_avg"][k] for k in range(1, T + 1)})
+    return summary
+
+
+# ----------------------------------------------------------------------------- setup, training loop, resume
+def validate(args: Args) -> None:
+    """Check every argument before anything is written: exit 2 with 'error: --flag: problem'."""
+    req = common.require
+    req(bool(args.order) and len(set(args.order)) == len(args.order), "order",
+        f"pairs must be distinct and non-empty, got {args.order}")
     for p in args.order:
-        if p not in data.COMET_PAIR_CLASSES:
-            common.die(f"--order: unknown pair '{p}' (choose from {list(data.COMET_PAIR_CLASSES)}, each with the mediator text)")
-    if len(set(args.order)) != len(args.order) or not args.order:
-        common.die(f"--order: pairs must be distinct and non-empty, got {args.order}")
-    if args.ema_partner not in ("attention", "aligned"):
-        common.die(f"--ema-partner must be 'attention' or 'aligned', got '{args.ema_partner}'")
-    for name in ("epochs", "batch_size", "d_model", "k1", "n_experts", "seq_len", "n_pairs", "n_per_class", "n_test"):
-        if getattr(args, name) < 1:
-            common.die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seq_len < 3:
-        common.die("--seq-len must be >= 3 (Cross-CPC predicts step t+1 from t in 1..T-2)")
-    return [list(args.order)] if args.joint else [[p] for p in args.order]
+        req(p in data.COMET_PAIR_CLASSES, "order",
+            f"unknown pair '{p}' (choose from {list(data.COMET_PAIR_CLASSES)}, each with the mediator text)")
+    for f in ("epochs", "batch_size", "d_model", "n_layers", "n_heads", "d_ff", "d_spec", "k1", "num_experts",
+              "reset_after", "fisher_batches", "cls_steps", "n_pairs", "n_per_class", "n_test"):
+        req(getattr(args, f) >= 1, f, f"must be >= 1, got {getattr(args, f)}")
+    for f in ("k2", "beta", "cpc_self_weight", "gate_weight", "ewc_lambda", "club_steps", "sty", "noise", "dom",
+              "num_threads"):
+        req(getattr(args, f) >= 0, f, f"must be >= 0, got {getattr(args, f)}")
+    for f in ("lr", "club_lr", "cls_lr", "max_grad_norm"):
+        req(getattr(args, f) > 0, f, f"must be > 0, got {getattr(args, f)}")
+    req(args.seq_len >= 3, "seq_len", f"must be >= 3 (Cross-CPC predicts t+1 from t in 1..T-2), got {args.seq_len}")
+    req(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}, got {args.n_heads}")
+    req(0 < args.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {args.ema_decay}")
+    req(0 <= args.pmr_new_weight <= 1, "pmr_new_weight", f"must be in [0, 1], got {args.pmr_new_weight}")
+    req(0 < args.use_threshold <= 1, "use_threshold", f"must be in (0, 1], got {args.use_threshold}")
+    req(0 <= args.shared <= 1, "shared", f"must be in [0, 1], got {args.shared}")
+    for s in COMET_SWITCHES:
+        req(args.comet or getattr(args, s), f"no_{s}", "applies only to COMET; --no-comet already turns it off")
+    for s in ADAPTER_SWITCHES:
+        req(args.moe or getattr(args, s), f"no_{s}", "needs the adapter; --no-moe already turns it off")
 
 
-def main(args: Args) -> dict:
-    stages = validate(args)
-    try:  # validate all input data before anything is written
+def load_data(args: Args) -> Dict[str, dict]:
+    """The built-in benchmark or the --data-dir features; bad input exits 2 before anything is written."""
+    try:
         if args.data_dir:
             dd = data.load_comet_npz(args.data_dir, args.order)
         else:
@@ -615,135 +758,173 @@ def main(args: Args) -> dict:
                                       args.sty, args.noise, args.shared, args.dom)
     except data.DataError as e:
         common.die(str(e))
-    if args.seq_len < 3 or dd["va_train"]["video"].shape[1] < 3:
-        common.die("sequences need T >= 3 steps")
+    common.require(dd["va_train"]["video"].shape[1] >= 3, "data_dir", "sequences need T >= 3 steps")
+    return dd
 
-    # TRY NOT TO MODIFY: seeding, device, run dir, tracker
-    gen = common.seed_everything(args.seed, args.torch_deterministic)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    device = common.pick_device(args.cuda)  # the model is CPU-sized; it always runs on CPU
-    run_name = f"{'npz' if args.data_dir else 'synthetic'}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = common.make_run_dir(args, run_name)
-    tracker = common.maybe_tracker(args, run_name)
-    print(f"run {run_name} -> {run_dir} (device: cpu, cuda available: {device.type == 'cuda'})")
 
-    use_moe = not (args.no_moe or args.no_comet)
-    use_pmr, expand = not (args.no_pmr or args.no_comet), not args.no_comet
+def method_tag(args: Args) -> str:
+    """'comet' or 'dcid', plus the method switches that differ from their default, '+'-joined."""
+    parts = ["comet" if args.comet else "dcid"]
+    parts += [f"no-{s.replace('_', '-')}" for s in COMET_SWITCHES if not getattr(args, s)]
+    parts += [s.replace("_", "-") for s in ("joint", "official_aligned_partner") if getattr(args, s)]
+    return "+".join(parts)
+
+
+def modality_dims(dd: Dict[str, dict]) -> Dict[str, int]:
     dims = {}
     for d in dd.values():
         dims.update({m: a.shape[-1] for m, a in d.items() if a.ndim == 3})
-    dims = {m: dims[m] for m in ("video", "audio", "text", "image") if m in dims}
-    model = CometModel(args, dims, use_moe)
-    print(f"model: {sum(p.numel() for p in model.parameters())} parameters, adapter={use_moe}, pmr={use_pmr}, expand={expand}")
-    club_params = set(model.club.parameters())
+    return {m: dims[m] for m in ("video", "audio", "text", "image") if m in dims}
+
+
+def begin_stage(model: CometModel, args: Args, k: int):
+    """METHOD LOGIC: from stage 2 on, freeze the codebook as the PMR teacher and append k2 new codes.
+    Returns (pmr = (teacher, K_prev) or None, first code index the dead-code reset may touch)."""
+    if k == 0 or not args.comet:
+        return None, 0
+    teacher = model.codebook.embed.clone()
+    if args.expand:
+        model.codebook.expand(args.k2)
+    return ((teacher, len(teacher)) if args.pmr else None), (len(teacher) if args.expand else 0)
+
+
+def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run: dict, club_opt, gen, loggers,
+                k: int, name: str) -> int:
+    """args.epochs epochs of Adam on every non-CLUB parameter (fresh per stage); returns the number of steps."""
+    n_min = min(len(next(iter(t.values()))) for t in train.values())
+    bs = min(args.batch_size, n_min)
+    steps = n_min // bs
+    params = [p for n, p in model.named_parameters() if not n.startswith("club.")]  # codes are buffers
+    opt = torch.optim.Adam(params, lr=args.lr)
+    for epoch in range(args.epochs):
+        perms = {p: torch.randperm(n_min, generator=gen) for p in train}
+        sums, t0 = {}, time.perf_counter()
+        for i in range(steps):
+            opt.zero_grad()
+            for p in train:  # one pair per stage; all pairs (gradients summed) with --joint
+                batch = {m: v[perms[p][i * bs : (i + 1) * bs]] for m, v in train[p].items()}
+                L, club_nll = pair_losses(model, args, batch, pmr, update=True, club_opt=club_opt)
+                if run["fisher"] and args.ewc:  # METHOD LOGIC: EWC on the adapter
+                    L["ewc"] = ewc_penalty(ewc_named(model), run["fisher"], run["star"], args.ewc_lambda)
+                sum(L.values()).backward()  # Sec. 3.4: L = recon + commit + cpc + cmcm + MI + gate (+ EWC)
+                for n, v in {**L, "club_nll": club_nll}.items():  # device-side sums: one sync per epoch
+                    sums[n] = sums.get(n, 0.0) + v.detach() / steps
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            model.codebook.reset_dead(args.reset_after, start=reset_from)
+        end_epoch(model, args, sums, loggers, k, name, epoch, time.perf_counter() - t0, steps * len(train) * bs)
+    return steps * args.epochs
+
+
+def end_epoch(model: CometModel, args: Args, sums: dict, loggers, k: int, name: str, epoch: int, dt: float,
+              n_pairs: int) -> None:
+    """Divergence check (exit 1), the epoch's loss line and its scalars."""
+    vals = {n: float(v) for n, v in sums.items()}
+    common.stop_if_diverged(vals, f"stage {k + 1} ({name}) epoch {epoch + 1}")
+    parts = " ".join(f"{n} {v:.3f}" for n, v in vals.items())
+    total = sum(v for n, v in vals.items() if n != "club_nll")
+    print(f"[{name}] epoch {epoch + 1}/{args.epochs} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
+          f"{dt:.1f}s {n_pairs / max(dt, 1e-9):.0f} pairs/s")
+    common.log_scalars(loggers, {f"losses/{n}": v for n, v in vals.items()}, k * args.epochs + epoch + 1)
+
+
+def update_fisher(model: CometModel, args: Args, train_pair: Dict[str, torch.Tensor], run: dict, gen, pmr) -> None:
+    """METHOD LOGIC: after the stage, accumulate the Fisher on this stage's data (it is gone afterwards)."""
+    n_min = len(next(iter(train_pair.values())))
+    bs = min(args.batch_size, n_min)
+    idx = torch.randperm(n_min, generator=gen)
+    batches = [{m: v[idx[(i * bs) % n_min :][:bs]] for m, v in train_pair.items()} for i in range(args.fisher_batches)]
+    new = compute_fisher(model, args, batches, pmr)
+    run["fisher"] = {n: run["fisher"].get(n, 0) + f for n, f in new.items()}
+    run["star"] = {n: p.detach().clone() for n, p in ewc_named(model).items()}
+
+
+def save_state(run_dir: str, args: Args, k: int, T: int, model: CometModel, club_opt, run: dict, name: str,
+               gens: dict, task: str) -> None:
+    """After stage k: checkpoint.pt (model with its codebook, EWC state, CLUB optimizer, RNGs, rows so far);
+    --save-model also writes model_after_{task}.pt."""
+    if args.save_model:
+        torch.save({"model": model.state_dict(), "fisher": run["fisher"], "star": run["star"]},
+                   os.path.join(run_dir, f"model_after_{task}.pt"))
+    state = {"model": model.state_dict(), "club_opt": club_opt.state_dict(), "run": run, "run_name": name,
+             "rng": common.rng_state(gens)}
+    common.save_checkpoint(run_dir, "comet", args, k, T, state)
+
+
+def load_state(ckpt: dict, model: CometModel, club_opt, gens: dict, device) -> dict:
+    """Resume: codebook resized to the stored shapes, model, CLUB optimizer, rows; every RNG restored last."""
+    model.codebook.resize_like(ckpt["model"])
+    model.load_state_dict(ckpt["model"])
+    club_opt.load_state_dict(ckpt["club_opt"])
+    run = ckpt["run"]
+    for key in ("fisher", "star"):
+        run[key] = {n: t.to(device) for n, t in run[key].items()}
+    common.restore_rng(ckpt["rng"], gens)
+    return run
+
+
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: setup
+    validate(args)
+    common.check_extras(args)
+    dd = load_data(args)
+    gen = common.seed_everything(args.seed, args.torch_deterministic)
+    common.set_threads(args.num_threads)
+    device = common.pick_device(args.cuda)
+    method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
+    name = common.run_name("comet", method, common.data_tag(args.data_dir), None, args.seed)
+    run_dir, ckpt = common.open_run(args, name, "comet")
+    loggers = common.open_loggers(args, name, run_dir, ckpt["done"] * args.epochs + 1 if ckpt else None)
+    print(f"run {name} -> {run_dir} (device: {device})")
+
+    stages = [list(args.order)] if args.joint else [[p] for p in args.order]
+    names, T, t0 = ["+".join(s) for s in stages], len(stages), time.perf_counter()
+    model = CometModel(args, modality_dims(dd), args.comet and args.moe).to(device)
     club_opt = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
-    stage_names = ["+".join(s) for s in stages]
-    evals, row_names = [evaluate(model, args, dd)], ["init"] + [f"after {n}" for n in stage_names]
-    fisher, star, pmr, reset_from, sw, n_steps = {}, {}, None, 0, common.Stopwatch(), 0
+    print(f"model: {sum(p.numel() for p in model.parameters())} parameters, method {method}")
+    run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "time": {"train": 0.0, "eval": 0.0, "total": 0.0}}
+    if ckpt:  # --resume: everything as a fresh run builds it, then the stored state, RNGs last
+        name, run = ckpt["run_name"], load_state(ckpt, model, club_opt, {"gen": gen}, device)
+    else:
+        run["evals"].append(evaluate(model, args, dd, "row 0 (init)"))
+        common.log_scalars(loggers, row_scalars(run["evals"][0]), 0)
+    total0 = run["time"]["total"]
 
-    for k, pairs in enumerate(stages):
-        # METHOD LOGIC: before a new stage, freeze the old codebook as the PMR teacher and expand it
-        if k > 0 and expand:
-            teacher, reset_from = model.codebook.embed.clone(), model.codebook.embed.shape[0]
-            model.codebook.expand(args.k2)
-            pmr = (teacher, reset_from) if use_pmr else None
-        train = {p: {LETTER[c]: torch.from_numpy(dd[f"{p.lower()}_train"][LETTER[c]]) for c in p} for p in pairs}
-        n_min = min(len(next(iter(t.values()))) for t in train.values())
-        bs = min(args.batch_size, n_min)
-        params = [p for p in model.parameters() if p not in club_params]  # fixed during the stage (codes are buffers)
-        opt = torch.optim.Adam(params, lr=args.lr)
-        for epoch in range(args.epochs):
-            perms = {p: torch.randperm(n_min, generator=gen) for p in pairs}
-            sums, t0, steps = {}, time.perf_counter(), n_min // bs
-            with sw:
-                for i in range(steps):
-                    opt.zero_grad()
-                    for p in pairs:  # one pair per stage; all pairs (gradients summed) with --joint
-                        batch = {m: v[perms[p][i * bs : (i + 1) * bs]] for m, v in train[p].items()}
-                        L = pair_losses(model, args, batch, pmr, update=True, club_opt=club_opt)
-                        if fisher and not args.no_ewc:  # METHOD LOGIC: EWC on the adapter
-                            L["ewc"] = ewc_penalty(ewc_named(model), fisher, star, args.ewc_lambda)
-                        sum(L.values()).backward()  # Sec. 3.4: L = recon + commit + cpc + cmcm + MI + gate (+ EWC)
-                        for n_, v in L.items():
-                            sums[n_] = sums.get(n_, 0.0) + float(v.detach()) / steps
-                    nn.utils.clip_grad_norm_(params, args.clip)
-                    opt.step()
-                    model.codebook.reset_dead(args.reset_after, start=reset_from)
-            n_steps += steps
-            dt = time.perf_counter() - t0
-            parts = " ".join(f"{n_} {v:.3f}" for n_, v in sums.items())
-            print(f"[{stage_names[k]}] epoch {epoch + 1}/{args.epochs} loss {sum(sums.values()):.3f} ({parts}) "
-                  f"K {model.codebook.embed.shape[0]} {dt:.1f}s {steps * len(pairs) * bs / max(dt, 1e-9):.0f} pairs/s")
-            if tracker:
-                tracker.log({f"train/{n_}": v for n_, v in sums.items()} | {"stage": k, "epoch": epoch})
+    for k in range(ckpt["done"] if ckpt else 0, T):
+        pmr, reset_from = begin_stage(model, args, k)
+        train = {p: {LETTER[c]: torch.from_numpy(dd[f"{p.lower()}_train"][LETTER[c]]).to(device) for c in p}
+                 for p in stages[k]}
+        t1 = time.perf_counter()
+        run["steps"].append(train_stage(model, args, train, pmr, reset_from, run, club_opt, gen, loggers, k, names[k]))
+        if args.comet and args.moe and args.ewc and k < T - 1:
+            update_fisher(model, args, train[stages[k][0]], run, gen, pmr)
+        t2 = time.perf_counter()
+        run["evals"].append(evaluate(model, args, dd, f"row {k + 1} (after {names[k]})"))
+        run["time"]["train"] += t2 - t1
+        run["time"]["eval"] += time.perf_counter() - t2
+        run["time"]["total"] = total0 + time.perf_counter() - t0
+        print(f"--- after stage {k + 1} ({names[k]}), codes {model.codebook.embed.shape[0]}:")
+        print(stage_table(run["evals"], ["init"] + [f"after {n}" for n in names]))
+        common.log_scalars(loggers, row_scalars(run["evals"][-1]), (k + 1) * args.epochs)
+        save_state(run_dir, args, k + 1, T, model, club_opt, run, name, {"gen": gen}, names[k])
 
-        # METHOD LOGIC: after the stage, accumulate the Fisher on this stage's data (it is gone afterwards)
-        if use_moe and not args.no_ewc and k < len(stages) - 1:
-            p0 = pairs[0]
-            idx = torch.randperm(n_min, generator=gen)
-            batches = [{m: v[idx[(i * bs) % n_min :][:bs]] for m, v in train[p0].items()} for i in range(args.fisher_batches)]
-            new = compute_fisher(model, args, batches, pmr)
-            fisher = {n: fisher.get(n, 0) + f for n, f in new.items()}
-            star = {n: p.detach().clone() for n, p in ewc_named(model).items()}
-        evals.append(evaluate(model, args, dd))
-        print(f"--- after stage {k + 1} ({stage_names[k]}), codes {model.codebook.embed.shape[0]}:")
-        print(stage_table(evals, row_names))
-        if args.save_model:
-            torch.save({"model": model.state_dict(), "fisher": fisher, "star": star, "args": vars(args)},
-                       os.path.join(run_dir, f"{args.exp_name}_stage{k + 1}.pt"))
-
-    # matrices: rows = init + stages; entries = stage pairs, other retrieval pairs, directions, "all"
-    dirs = ["V->A", "A->V", "V->V", "A->A"]
-    entries = stage_names + [p for p in RET_PAIRS if p not in stage_names] + dirs + ["all"]
-    M: Dict[str, common.Matrix] = {}
-
-    def put(metric, row, entry, value):
-        M.setdefault(metric, [[None] * len(entries) for _ in evals])[row][entries.index(entry)] = value
-
-    for r, ev in enumerate(evals):
-        for pair, v in ev["ret"].items():
-            put("ret_avg", r, pair, v["avg"])
-            for dname in (f"{pair[0]}->{pair[1]}", f"{pair[1]}->{pair[0]}"):
-                for kk, val in zip((1, 5, 10), v[dname]):
-                    put(f"ret_r{kk}_{'fwd' if dname[0] == pair[0] else 'bwd'}", r, pair, val)
-        for task in ("cls", "loc"):
-            for dname, val in ev[task].items():
-                put(f"{task}_{'acc' if task == 'cls' else 'f1'}", r, dname, val)
-        for kk, val in ev["diag"].items():
-            put(kk, r, "all", val)
-
-    last = evals[-1]
-    vt_stage = stage_names.index("VT") + 1 if "VT" in stage_names else None
-    vt = [ev["ret"].get("VT", {}).get("avg") for ev in evals]
-    seen = [[ev["ret"][s]["avg"] if s in ev["ret"] else None for s in stage_names] for ev in evals]
-    va4 = [last["cls"]["V->A"], last["cls"]["A->V"]] + list(last["loc"].values())
-    summary = {
-        "va_acc": float(np.mean([last["cls"]["V->A"], last["cls"]["A->V"]])),
-        "va_f1": float(np.mean(list(last["loc"].values()))) if last["loc"] else None,
-        "va_avg": float(np.mean(va4)),
-        "vv_acc": last["cls"]["V->V"],
-        "retrieval": {p: {row_names[r]: ev["ret"][p] for r, ev in enumerate(evals) if p in ev["ret"]} for p in RET_PAIRS},
-        "vt_forgetting": (vt[vt_stage] - vt[-1]) if vt_stage and vt[-1] is not None else None,
-        "seen_forgetting": common.forgetting(seen) if len(stage_names) > 1 and None not in seen[-1] else None,
-        "va_ret": last["ret"].get("VA", {}).get("avg"),
-        "ia_ret": last["ret"].get("IA", {}).get("avg"),
-        "diag": last["diag"],
-        "train_seconds": sw.total,
-        "train_steps": n_steps,
-    }
-    results = {"run_name": run_name, "args": vars(args), "stages": stage_names, "rows": row_names,
-               "entries": entries, "matrices": M, "evals": evals, "summary": summary}
+    M, extra, summary, series = build_results(run["evals"], stages)
+    extra["train_steps"] = run["steps"]
+    run["time"]["total"] = total0 + time.perf_counter() - t0
+    res = common.results_envelope(script="comet", method=method, variant=variant, data=common.data_tag(args.data_dir),
+                                  backbone=None, seed=args.seed, run_name=name, args=args, device=device, tasks=names,
+                                  matrices=M, extra=extra, summary=summary, timing_s=run["time"])
     print(f"summary: va_acc {summary['va_acc']:.1f}  va_f1 {summary['va_f1'] or 0:.1f}  VT forgetting "
           f"{summary['vt_forgetting'] if summary['vt_forgetting'] is None else round(summary['vt_forgetting'], 1)}  "
-          f"train {sw.total:.0f}s ({n_steps} steps)")
-    common.write_metrics_csv(os.path.join(run_dir, "metrics.csv"), M, entries)
-    common.write_json(os.path.join(run_dir, "results.json"), results)  # last: a failed run leaves no results.json
-    if tracker:
-        tracker.log({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        tracker.finish()
-    return results
+          f"train {run['time']['train']:.0f}s ({sum(run['steps'])} steps)")
+    common.write_results(run_dir, res, series)  # a diverged or failed run leaves no results.json
+    if args.plot:
+        common.plot_matrix(run_dir, M["ret_avg"], res["rows"], names, "retrieval R-avg (%) of each stage's pair")
+    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, T * args.epochs)
+    common.close_loggers(loggers)
+    common.finish_run(run_dir, args.save_model)
+    return res
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

@@ -1,5 +1,6 @@
 """Tests for comet.py: VQ / adapter / EWC / CLUB / PMR mechanisms, the built-in benchmark and npz loader,
-end-to-end runs with every ablation flag, determinism, bad input, CLI parsing and one subprocess smoke run."""
+end-to-end runs with every ablation flag, the results envelope, determinism, validation, divergence, metric
+guards, plots / TensorBoard, CLI parsing, resume, and one subprocess smoke run killed and resumed."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import torch
 import tyro
 
 import comet
+import common
 import data
 
 torch.set_num_threads(1)
@@ -43,8 +45,8 @@ def test_ema_update_moves_assigned_code_to_hand_computed_value():
 def test_mm_ema_partner_mixes_both_modalities():
     za = torch.tensor([[[1.0, 0.0]]])
     zb = torch.tensor([[[0.0, 3.0]]])
-    assert torch.equal(comet.partner(za, zb, "aligned"), zb)
-    assert torch.allclose(comet.partner(za, zb, "attention"), zb)  # one key: attention weight 1
+    assert torch.equal(comet.partner(za, zb, True), zb)
+    assert torch.allclose(comet.partner(za, zb, False), zb)  # one key: attention weight 1
     cb = comet.Codebook(1, 2, decay=0.0, eps=0.0)
     cb.ema_update([(za + zb) / 2], [torch.zeros(1, 1, dtype=torch.long)])
     assert torch.allclose(cb.embed[0], torch.tensor([0.5, 1.5]))  # (z^a + r^b) / 2
@@ -97,7 +99,7 @@ def test_cmcm_lower_for_matching_pairs():
 # ----------------------------------------------------------------------------- CMoE-Adapter, gate, EWC, CLUB
 def test_adapter_equals_explicit_mixture_of_experts():
     torch.manual_seed(0)
-    ad = comet.CMoEAdapter(["video", "text"], dim=4, n_experts=3, specific=True)
+    ad = comet.CMoEAdapter(["video", "text"], dim=4, num_experts=3, specific=True)
     z = torch.randn(2, 5, 4)
     out, g = ad(z, "video")
     assert torch.allclose(g.sum(-1), torch.ones(2))
@@ -178,7 +180,7 @@ def test_pmr_gradient_reaches_encoders_only_through_p_terms(tmp_path):
     for w in (0.0, 1.0):
         args.pmr_new_weight = w
         torch.manual_seed(1)
-        L = comet.pair_losses(model, args, x, (teacher, 32), update=False)
+        L, _ = comet.pair_losses(model, args, x, (teacher, 32), update=False)
         grads.append(torch.autograd.grad(L["cpc"], model.phi["audio"][0].weight)[0])
     # with new-code positions masked, only P-free terms remain; weight 1 adds the P terms
     assert not torch.allclose(grads[0], grads[1])
@@ -247,80 +249,247 @@ def test_bad_input_rejected_exit_2_no_results(tmp_path, problem, capsys):
     assert not out.exists()
 
 
-def test_bad_order_rejected(tmp_path):
-    for order in (["VT", "VA"], ["VT", "VT"]):
-        with pytest.raises(SystemExit) as e:
-            comet.main(tiny_args(tmp_path, order=order))
-        assert e.value.code == 2
+def small_model(args, mods=("video", "audio", "text")):
+    torch.manual_seed(0)
+    return comet.CometModel(args, {m: data.COMET_DIMS[m] for m in mods}, use_moe=args.comet and args.moe)
+
+
+def test_official_aligned_partner_changes_mm_ema(tmp_path):
+    dd = data.comet_benchmark(0, 32, 2, 8, 10)
+    x = {m: torch.from_numpy(dd["vt_train"][m][:16]) for m in ("video", "text")}
+    codes = []
+    for aligned in (False, True):
+        args = tiny_args(tmp_path, official_aligned_partner=aligned)
+        model, club = small_model(args), None
+        club = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
+        torch.manual_seed(1)
+        comet.pair_losses(model, args, x, None, update=True, club_opt=club)
+        codes.append(model.codebook.embed.clone())
+    assert not torch.equal(codes[0], codes[1])
+
+
+@pytest.mark.parametrize("flags, K, pmr, reset_from", [({}, 48, True, 32), ({"pmr": False}, 48, False, 32),
+                                                        ({"expand": False}, 32, True, 0),
+                                                        ({"comet": False}, 32, False, 0)])
+def test_begin_stage_expand_and_replay_switches(tmp_path, flags, K, pmr, reset_from):
+    args = tiny_args(tmp_path, **flags)
+    model = small_model(args)
+    before = model.codebook.embed.clone()
+    assert comet.begin_stage(model, args, 0) == (None, 0)
+    got_pmr, got_reset = comet.begin_stage(model, args, 1)
+    assert model.codebook.embed.shape[0] == K and got_reset == reset_from and (got_pmr is not None) == pmr
+    if pmr:
+        assert torch.equal(got_pmr[0], before) and got_pmr[1] == 32  # frozen copy of the previous codebook
+
+
+# ----------------------------------------------------------------------------- metric guards, divergence
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metric_helpers_refuse_non_finite(tmp_path, bad):
+    logits = torch.randn(6, 4)
+    logits[2, 1] = bad
+    with pytest.raises(ValueError, match="accuracy"):
+        comet.accuracy(logits, torch.zeros(6, dtype=torch.long), "row 1")
+    with pytest.raises(ValueError, match="localisation F1.*row 2"):
+        comet.f1_score(logits, torch.zeros(6, 4), "row 2")
+    x = np.random.default_rng(0).standard_normal((4, 10, data.COMET_DIMS["video"])).astype(np.float32)
+    x[1, 3, 0] = bad
+    with pytest.raises(ValueError, match="video embeddings"):
+        comet.quantize_all(small_model(tiny_args(tmp_path)), "video", x, "row 0")
+    with pytest.raises(SystemExit) as e:  # a head whose loss goes non-finite stops the run
+        comet.train_head(torch.full((4, 3, 5), bad), torch.zeros(4, dtype=torch.long), 2, False, tiny_args(tmp_path), 0)
+    assert e.value.code == 1
+
+
+def test_diverging_run_exits_1_and_writes_no_results(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        comet.main(tiny_args(tmp_path, lr=1e30))
+    assert e.value.code == 1
+    assert "training diverged at stage 1 (VT) epoch 1" in capsys.readouterr().err
+    assert (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- validation, names, CLI
+BAD_ARGS = [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"club_lr": 0.0}, "club-lr"),
+            ({"cls_lr": 0.0}, "cls-lr"), ({"max_grad_norm": 0.0}, "max-grad-norm"), ({"n_heads": 3}, "n-heads"),
+            ({"n_layers": 0}, "n-layers"), ({"d_ff": 0}, "d-ff"), ({"d_spec": 0}, "d-spec"), ({"k2": -1}, "k2"),
+            ({"reset_after": 0}, "reset-after"), ({"fisher_batches": 0}, "fisher-batches"),
+            ({"cls_steps": 0}, "cls-steps"), ({"ema_decay": 1.5}, "ema-decay"), ({"ema_decay": 0.0}, "ema-decay"),
+            ({"beta": -0.1}, "beta"), ({"ewc_lambda": -1.0}, "ewc-lambda"), ({"club_steps": -1}, "club-steps"),
+            ({"pmr_new_weight": 2.0}, "pmr-new-weight"), ({"use_threshold": 0.0}, "use-threshold"),
+            ({"shared": 1.5}, "shared"), ({"sty": -1.0}, "sty"), ({"num_experts": 0}, "num-experts"),
+            ({"seq_len": 2}, "seq-len"), ({"num_threads": -1}, "num-threads"), ({"order": ["VT", "VA"]}, "order"),
+            ({"order": ["VT", "VT"]}, "order"), ({"order": []}, "order"),
+            ({"comet": False, "pmr": False}, "no-pmr"), ({"comet": False, "expand": False}, "no-expand"),
+            ({"moe": False, "ewc": False}, "no-ewc"), ({"moe": False, "gate_loss": False}, "no-gate-loss")]
+
+
+@pytest.mark.parametrize("overrides, flag", BAD_ARGS, ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_hyperparameters_exit_2_before_writing(tmp_path, capsys, overrides, flag):
+    with pytest.raises(SystemExit) as e:
+        comet.main(tiny_args(tmp_path, **overrides))
+    assert e.value.code == 2
+    assert f"error: --{flag}:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
+def test_method_and_variant_tags():
+    A = comet.Args
+    assert (comet.method_tag(A()), common.tag(A(), comet.VARIANT_FIELDS, A())) == ("comet", "")
+    assert comet.method_tag(A(pmr=False, expand=False)) == "comet+no-pmr+no-expand"
+    assert comet.method_tag(A(comet=False, joint=True)) == "dcid+joint"
+    assert comet.method_tag(A(official_aligned_partner=True)) == "comet+official-aligned-partner"
+    assert common.tag(A(k1=64, pmr=False, seed=4, out_dir="x"), comet.VARIANT_FIELDS, A()) == "k1=64"
+    fields = comet.INFRA_FIELDS + comet.METHOD_FIELDS + comet.VARIANT_FIELDS + ("data_dir",)
+    assert sorted(fields) == sorted(A.__dataclass_fields__)  # every field in exactly one group
+
+
+def test_tyro_parse_and_help(capsys):
+    a = tyro.cli(comet.Args, args=["--order", "AT", "VT", "IT", "--no-pmr", "--seed", "3", "--k1", "64",
+                                   "--max-grad-norm", "0.5", "--num-experts", "4", "--d-ff", "32"])
+    assert a.order == ["AT", "VT", "IT"] and not a.pmr and a.seed == 3 and a.k1 == 64 and a.comet
+    assert (a.max_grad_norm, a.num_experts, a.d_ff) == (0.5, 4, 32)
+    assert tyro.cli(comet.Args, args=[]).order == ["VT", "AT", "IT"]
+    b = tyro.cli(comet.Args, args=["--official-aligned-partner", "--no-expand", "--no-comet", "--no-moe"])
+    assert b.official_aligned_partner and not b.expand and not b.comet and not b.moe
+    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"]):
+        with pytest.raises(SystemExit) as e:
+            tyro.cli(comet.Args, args=bad, console_outputs=False)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        tyro.cli(comet.Args, args=["--help"])
+    out = capsys.readouterr().out
+    assert "COMET (arXiv 2504.00561)" in out and "--no-specific-layers" in out and "--no-no-" not in out
+
+
 # ----------------------------------------------------------------------------- end to end
-FLAGS = [{}, {"no_pmr": True}, {"no_moe": True}, {"no_gate_loss": True}, {"no_ewc": True},
-         {"no_specific_layers": True}, {"no_comet": True}]
+def strict_json(path):
+    def refuse(c):
+        raise ValueError(f"non-strict JSON constant {c} in {path}")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: next(iter(f), "full"))
-def test_every_ablation_runs_three_stages(tmp_path, flags):
+ENVELOPE = {"schema", "script", "method", "variant", "data", "backbone", "seed", "run_name", "args", "env", "tasks",
+            "rows", "matrices", "extra", "summary", "timing_s"}
+FLAGS = [({}, "comet"), ({"pmr": False}, "comet+no-pmr"), ({"expand": False}, "comet+no-expand"),
+         ({"moe": False}, "comet+no-moe"), ({"gate_loss": False}, "comet+no-gate-loss"), ({"ewc": False}, "comet+no-ewc"),
+         ({"specific_layers": False}, "comet+no-specific-layers"), ({"comet": False}, "dcid")]
+
+
+@pytest.mark.parametrize("flags, method", FLAGS, ids=[m for _, m in FLAGS])
+def test_every_ablation_runs_three_stages(tmp_path, flags, method):
     res = comet.main(tiny_args(tmp_path, **flags))
-    assert res["stages"] == ["VT", "AT", "IT"] and len(res["evals"]) == 4
+    assert set(res) == ENVELOPE and res["schema"] == 1 and res["script"] == "comet" and res["method"] == method
+    assert res["tasks"] == ["VT", "AT", "IT"] and res["rows"] == ["init", "VT", "AT", "IT"] and res["data"] == "builtin"
+    assert res["variant"] == "batch_size=32,cls_steps=15,epochs=1,fisher_batches=2,n_pairs=96,n_per_class=8,n_test=24," \
+                             "reset_after=2"
+    assert sorted(res["matrices"]) == sorted(f"ret_{k}" for k in comet.RET_KEYS)
+    assert all(len(R) == 4 and all(len(r) == 3 and None not in r for r in R) for R in res["matrices"].values())
     s = res["summary"]
+    assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s.values())
     assert 0 <= s["va_acc"] <= 100 and 0 <= s["va_f1"] <= 100 and s["vt_forgetting"] is not None
-    assert set(s["retrieval"]) == {"VT", "AT", "IT", "VA", "IA"} and len(s["retrieval"]["VA"]) == 4
-    n_codes = [ev["diag"]["n_codes"] for ev in res["evals"]]
-    assert n_codes == ([32] * 4 if flags.get("no_comet") else [32, 32, 48, 64])
-    gate_h = res["evals"][-1]["diag"]["gate_entropy"]
-    assert (gate_h is None) == bool(flags.get("no_moe") or flags.get("no_comet"))
-    on_disk = json.load(open(tmp_path / "run" / "results.json"))
-    assert on_disk["summary"]["va_acc"] == s["va_acc"]
-    assert (tmp_path / "run" / "metrics.csv").read_text().startswith("row,after_step,entry,metric,value")
+    assert s["va_avg_s3"] == s["va_avg"] and set(res["timing_s"]) == {"train", "eval", "total"}
+    ex = res["extra"]
+    assert set(ex["retrieval"]) == {"VT", "AT", "IT", "VA", "IA"} and len(ex["retrieval"]["VA"]["r1_fwd"]) == 4
+    assert ex["retrieval"]["AT"]["avg"] == [row[1] for row in res["matrices"]["ret_avg"]]
+    assert ex["train_steps"] == [0, 3, 3, 3] and len(ex["downstream"]["cls_acc"]["A->V"]) == 4
+    grows = flags.get("comet", True) and flags.get("expand", True)
+    assert ex["diagnostics"]["n_codes"] == ([32, 32, 48, 64] if grows else [32] * 4)
+    assert (ex["diagnostics"]["gate_entropy"][-1] is None) == ("moe" in flags or "comet" in flags)
+    run = tmp_path / "run"
+    assert strict_json(run / "results.json")["summary"] == s and not (run / "checkpoint.pt").exists()
+    csv = (run / "metrics.csv").read_text().splitlines()
+    assert csv[0] == "script,method,variant,seed,row,after,entry,metric,value"
+    assert sum(",VA,ret_avg," in ln for ln in csv) == 4 and sum(",VT,ret_avg," in ln for ln in csv) == 4
+    assert any(",A->V,cls_acc," in ln for ln in csv) and any(",all,n_codes," in ln for ln in csv)
 
 
 def test_same_seed_identical_other_seed_differs(tmp_path):
     a = comet.main(tiny_args(tmp_path, "a", seed=2))
     b = comet.main(tiny_args(tmp_path, "b", seed=2))
     c = comet.main(tiny_args(tmp_path, "c", seed=3))
-    assert a["matrices"] == b["matrices"] and a["evals"] == b["evals"]
+    assert a["matrices"] == b["matrices"] and a["extra"] == b["extra"] and a["summary"] == b["summary"]
     assert a["matrices"] != c["matrices"]
 
 
 def test_order_and_joint(tmp_path):
     r = comet.main(tiny_args(tmp_path, "order", order=["AT", "VT", "IT"]))
-    assert r["stages"] == ["AT", "VT", "IT"] and r["entries"][:3] == ["AT", "VT", "IT"]
+    assert r["tasks"] == ["AT", "VT", "IT"] and r["variant"].startswith("batch_size=32") and "order=AT VT IT" in r["variant"]
     # VT was trained at stage 2: forgetting = ret VT after stage 2 - after stage 3
-    vt = r["summary"]["retrieval"]["VT"]
-    assert r["summary"]["vt_forgetting"] == pytest.approx(vt["after VT"]["avg"] - vt["after IT"]["avg"])
-    j = comet.main(tiny_args(tmp_path, "joint", joint=True, no_comet=True))
-    assert j["stages"] == ["VT+AT+IT"] and len(j["evals"]) == 2
+    vt = [row[1] for row in r["matrices"]["ret_avg"]]
+    assert r["summary"]["vt_forgetting"] == pytest.approx(vt[2] - vt[3])
+    j = comet.main(tiny_args(tmp_path, "joint", joint=True, comet=False))
+    assert j["tasks"] == ["VT+AT+IT"] and j["method"] == "dcid+joint" and len(j["matrices"]["ret_avg"]) == 2
+    ret = j["extra"]["retrieval"]
+    assert j["matrices"]["ret_avg"][1][0] == pytest.approx(np.mean([ret[p]["avg"][1] for p in ("VT", "AT", "IT")]))
+    assert j["summary"]["seen_forgetting"] is None and j["summary"]["va_avg_s1"] == j["summary"]["va_avg"]
 
 
-def test_ewc_holds_adapter_weights(tmp_path):
+def test_ewc_holds_adapter_weights_and_save_model_keeps_files(tmp_path):
     drift = {}
-    for name, kw in (("ewc", {"ewc_lambda": 1e5}), ("noewc", {"no_ewc": True})):
+    for name, kw in (("ewc", {"ewc_lambda": 1e5}), ("noewc", {"ewc": False})):
         comet.main(tiny_args(tmp_path, name, save_model=True, **kw))
-        s1 = torch.load(tmp_path / name / "comet_stage1.pt")["model"]
-        s2 = torch.load(tmp_path / name / "comet_stage2.pt")["model"]
+        s1 = torch.load(tmp_path / name / "model_after_VT.pt")["model"]
+        s2 = torch.load(tmp_path / name / "model_after_AT.pt")["model"]
         drift[name] = (s2["adapter.common_w"] - s1["adapter.common_w"]).norm().item()
+        assert (tmp_path / name / "checkpoint.pt").exists() and (tmp_path / name / "model_after_IT.pt").exists()
     assert drift["ewc"] < 0.5 * drift["noewc"]
 
 
-def test_tyro_parse():
-    a = tyro.cli(comet.Args, args=["--order", "AT", "VT", "IT", "--no-pmr", "--seed", "3", "--k1", "64"])
-    assert a.order == ["AT", "VT", "IT"] and a.no_pmr and a.seed == 3 and a.k1 == 64 and not a.no_comet
-    assert tyro.cli(comet.Args, args=[]).order == ["VT", "AT", "IT"]
-    assert tyro.cli(comet.Args, args=["--ema-partner", "aligned"]).ema_partner == "aligned"
-    for bad in (["--epochs", "x"], ["--ema-partner", "nearest"]):
-        with pytest.raises(SystemExit) as e:
-            tyro.cli(comet.Args, args=bad, console_outputs=False)
-        assert e.value.code == 2
+def test_plot_and_tensorboard(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    comet.main(tiny_args(tmp_path, plot=True, tensorboard=True, order=["VT", "AT"]))
+    run = tmp_path / "run"
+    assert (run / "acc_matrix.png").stat().st_size > 0 and (run / "acc_curves.png").stat().st_size > 0
+    ev = EventAccumulator(str(run / "tb")).Reload()
+    tags = ev.Tags()["scalars"]
+    assert {"losses/commit", "losses/club_nll", "losses/ewc", "charts/va_avg", "charts/ret_VA"} <= set(tags)
+    assert [e.step for e in ev.Scalars("charts/va_avg")] == [0, 1, 2]  # one point per row
+    assert len(ev.Scalars("losses/cpc")) == 2  # one per epoch
 
 
-def test_subprocess_smoke(tmp_path):
-    out = tmp_path / "smoke"
-    cmd = [sys.executable, "comet.py", "--n-pairs", "64", "--n-per-class", "6", "--n-test", "16", "--epochs", "1",
-           "--batch-size", "32", "--cls-steps", "5", "--fisher-batches", "1", "--out-dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-    assert "after stage 3 (IT)" in p.stdout and "epoch 1/1" in p.stdout
-    res = json.load(open(out / "results.json"))
-    assert 0 <= res["summary"]["va_acc"] <= 100 and os.path.exists(out / "args.json")
-    assert res["stages"] == ["VT", "AT", "IT"] and len(res["evals"]) == 4  # init + one row per stage
+# ----------------------------------------------------------------------------- resume
+def test_resume_refuses_changed_args_and_missing_checkpoint(tmp_path, capsys):
+    args = tiny_args(tmp_path)
+    run_dir, _ = common.open_run(args, "x", "comet")  # a run dir with args.json and no checkpoint
+    with pytest.raises(SystemExit) as e:
+        comet.main(tiny_args(tmp_path, epochs=2, resume=run_dir))
+    assert e.value.code == 2 and "epochs (2 != 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        comet.main(tiny_args(tmp_path, num_threads=2, resume=run_dir))  # free field: passes the args check
+    assert e.value.code == 2 and "checkpoint.pt not found" in capsys.readouterr().err
+
+
+SMOKE = dict(n_pairs=192, n_per_class=6, n_test=16, epochs=2, batch_size=32, cls_steps=10, fisher_batches=1, seed=3)
+
+
+def test_subprocess_smoke_killed_after_first_stage_resumes_bit_identical(tmp_path, capsys):
+    ref = comet.main(comet.Args(out_dir=str(tmp_path / "ref"), **SMOKE))  # uninterrupted, in-process
+    run = tmp_path / "run"
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in SMOKE.items()]
+    p = subprocess.Popen([sys.executable, "comet.py", *cli, "--out-dir", str(run)], cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("checkpoint 1/"):
+            p.kill()  # SIGKILL
+            break
+    p.wait(timeout=60)
+    assert "[VT] epoch 2/2" in "".join(lines) and "checkpoint 1/3" in lines[-1]
+    assert (run / "checkpoint.pt").exists() and not (run / "results.json").exists()
+    argv = ["--resume", str(run)]  # what `python comet.py --resume RUN` does, in-process
+    capsys.readouterr()
+    comet.main(tyro.cli(comet.Args, args=argv, default=common.resume_defaults(comet.Args, argv)))
+    out = capsys.readouterr().out
+    assert "[VT] epoch" not in out and "after stage 3 (IT)" in out and "checkpoint 3/3" in out
+    got = strict_json(run / "results.json")
+    ref = strict_json(tmp_path / "ref" / "results.json")
+    for r in (got, ref):
+        for k in ("timing_s", "run_name", "args", "env"):
+            r.pop(k)
+    assert got == ref
+    assert not (run / "checkpoint.pt").exists()
