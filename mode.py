@@ -22,11 +22,13 @@ partly overlapping answer vocabularies.
 It is pre-trained on captioning + text-to-image (cached under --pretrain-cache-dir), then tuned on the
 five tasks with the base frozen and experts on the MLP gate/up/down projections only (spec section 4).
 
+
 Usage:
     python mode.py                          # MoDE (T-MoE + V-Adapter + KD)
     python mode.py --method seq-lora        # baselines: seq-lora, moe-lora (modality-coupled), tmoe-only
     python mode.py --no-kd                  # ablations: --no-kd, --no-text-moe, --no-visual-adapter (= tmoe-only)
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
+    python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
 
 Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent;
 R is closed-set: the argmax is taken over task j's answer vocabulary = the target ids of its train split,
@@ -41,10 +43,19 @@ are the same formulas on R_open):
     gen_match   exact-attribute match: share of sampled images (temperature 1, the same Gumbel noise at
                 every row) that are well-formed (one background code, one colour code, colour cells = one
                 of the 8 shape masks exactly) with the prompt's colour and shape (built-in data only)
-    gen_drop    100 * (gen_match[0] - gen_match[T]), percent points (inter-modal forgetting)
+    gen_drop    100 * (gen_match[0] - gen_match[T]), percent points (inter-modal forgetting);
+                gen_drop_max = the largest 100 * (gen_match[0] - gen_match[k]) over k >= 1
     grad_cos    mean over checks of cos(grad L_task, grad L_gen) on all trainable adapter parameters; the
                 text-side / image-side cosines and <g_t, g_v> are logged too (spec section 3)
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
+Every row is scored under two routings without retraining: E1 = the true token modality (the paper's design,
+the headline: acc*, bwt*, forgetting*) and E2 = every token to the text experts, as the official evaluation
+code does (the same keys with the suffix _official_routing). Without routing (seq-lora, moe-lora) E1 = E2.
+
+Outputs in runs/{run_name}/: args.json, cmd.txt, results.json (matrices acc, acc_open and their
+_official_routing twins; generation metrics, gradient checks, the expert scheme under "extra"), metrics.csv,
+checkpoint.pt after every task (deleted at the end unless --save-model). A run whose loss turns NaN/inf stops
+with exit code 1 and writes no results.json; bad arguments or data exit 2 before anything is written.
 
 --data-dir format: meta.json {"vocab_size": V, "image_token_start": I, "tasks": [names]} (ids >= I are
 image codes) and one .npz per stream: pretrain, reference_train, reference_test, <task>_train,
@@ -58,8 +69,8 @@ Deviations from the paper/spec (spec section 8.7 design):
     - steps-based schedule (160 steps/task, not 1 epoch), lr 2e-3, batch 32; AdamW, warmup + cosine
       restarted per task;
     - KD over the full (tiny) image vocabulary, no top-256 truncation; the teacher is the model with
-      experts bypassed (as in the code). Quirk flags (off by default) reproduce the official code: VQA
-      evaluation routing every token to the T-MoE, temperature applied twice, KD mean over all positions;
+      experts bypassed (as in the code). Official-code switches (off by default): temperature applied twice
+      (--official-kd-double-temperature), KD mean over all positions (--official-kd-all-positions);
     - the paper's equation numbers could not be read (only its abstract was available), so markers name
       the equation (Eq. (T-MoE), Eq. (KD), ...) following the forms in spec sections 3-5.
 """
@@ -69,7 +80,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
 
 import numpy as np
@@ -84,24 +95,33 @@ import data
 
 @dataclass
 class Args:
+    """MoDE (NeurIPS 2025) on a tiny unified multimodal model: continual VQA tuning with modality-decoupled
+    experts and distillation, reporting intra-modal (VQA accuracy) and inter-modal (image generation) forgetting."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (controls data, init, shuffling, evaluation subsets)"""
+    """seed of the experiment (every generator is derived from it with common.derive_seed)"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, deterministic algorithms (cudnn and torch.use_deterministic_algorithms)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (imported lazily)"""
+    """if toggled, the run is tracked with Weights and Biases (pip install wandb)"""
     wandb_project_name: str = "continual-multimodal"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    tensorboard: bool = False
+    """if toggled, log losses and metrics to TensorBoard in the run dir (pip install tensorboard)"""
+    plot: bool = False
+    """if toggled, write acc_matrix.png and acc_curves.png into the run dir (pip install matplotlib)"""
     save_model: bool = False
-    """whether to save the model (and method state) to `runs/{run_name}` after every step"""
+    """keep checkpoint.pt and write model_after_{task}.pt after every task"""
     out_dir: Optional[str] = None
-    """output directory (default: runs/{run_name})"""
+    """output directory (None = runs/{run_name})"""
+    resume: Optional[str] = None
+    """continue the run in this run dir from its last completed task (args must match its args.json)"""
     num_threads: int = 1
     """torch intra-op CPU threads (0 = torch default)"""
 
@@ -122,6 +142,8 @@ class Args:
     """pre-training batch size (mixed captioning / text-to-image sequences)"""
     pretrain_lr: float = 2e-3
     """pre-training peak learning rate (5% warmup, cosine decay)"""
+    pretrain_max_grad_norm: float = 1.0
+    """gradient-norm clipping during pre-training"""
     d_model: int = 128
     """model width"""
     n_layers: int = 4
@@ -150,8 +172,8 @@ class Args:
     """task batch size"""
     lr: float = 2e-3
     """peak learning rate of the adapters (10% warmup, cosine; restarted per task)"""
-    grad_clip: float = 10.0
-    """gradient-norm clipping (official code: 10)"""
+    max_grad_norm: float = 10.0
+    """gradient-norm clipping of the adapters (official code: 10)"""
     lora_rank: int = 8
     """rank r of every expert"""
     lora_alpha: float = 16.0
@@ -166,12 +188,10 @@ class Args:
     """KD temperature tau"""
     kd_batch_size: int = 32
     """reference-stream sequences per step for KD"""
-    quirk_eval_routing: bool = False
-    """official-code quirk: VQA evaluation routes every token (image tokens too) to the T-MoE"""
-    quirk_kd_double_temperature: bool = False
-    """official-code quirk: logits divided by tau twice (effective tau^2), scale still tau^2"""
-    quirk_kd_all_positions: bool = False
-    """official-code quirk: KD averaged over all positions instead of the image-code targets"""
+    official_kd_double_temperature: bool = False
+    """official code: logits divided by tau twice (effective tau^2), scale still tau^2"""
+    official_kd_all_positions: bool = False
+    """official code: KD averaged over all positions instead of the image-code targets"""
     conflict_every: int = 40
     """measure the task/generation gradient cosine every this many steps (0 = never)"""
     conflict_batch_size: int = 64
@@ -180,11 +200,34 @@ class Args:
     """print a progress line every this many steps"""
 
 
+FIELDS = ("tokens", "modality", "loss_mask")
+ABLATIONS = ("kd", "text_moe", "visual_adapter")  # MoDE switches, on by default
+OFFICIAL = ("official_kd_double_temperature", "official_kd_all_positions")  # official-code switches, off
+VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
+                  "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
+                  "steps_per_task", "batch_size", "lr", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
+                  "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
+                  "conflict_batch_size")
+ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
+MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing")
+
+
 # ----------------------------------------------------------------------------- helpers
+def method_tag(args: Args) -> str:
+    """The method plus its non-default switches, '+'-joined: 'mode', 'mode+no-kd', 'seq-lora'."""
+    if args.method != "mode":
+        return args.method  # the MoDE switches do not apply to the baselines
+    parts = [f"no-{f}" for f in ABLATIONS if not getattr(args, f)] + [f for f in OFFICIAL if getattr(args, f)]
+    return "+".join([args.method] + [p.replace("_", "-") for p in parts])
+
+
 def config_hash(args: Args, source: str) -> str:
     keys = ["seed", "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "d_model", "n_layers", "n_heads",
             "d_ff", "max_len", "n_train", "n_test"]
-    blob = json.dumps({k: getattr(args, k) for k in keys} | {"source": source, "v": 1}, sort_keys=True)
+    cfg = {k: getattr(args, k) for k in keys}
+    if args.pretrain_max_grad_norm != 1.0:  # keeps the keys of caches made before the flag existed
+        cfg["pretrain_max_grad_norm"] = args.pretrain_max_grad_norm
+    blob = json.dumps(cfg | {"source": source, "v": 1}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -200,6 +243,16 @@ def sample_batch(stream: Dict[str, torch.Tensor], n: int, gen: torch.Generator) 
 def warmup_cosine(step: int, total: int, warmup: float) -> float:
     w = max(1, int(warmup * total))
     return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def is_expert(name: str) -> bool:
+    return ".A_" in name or ".B_" in name or "router" in name
+
+
+def base_hashes(model: nn.Module) -> Dict[str, str]:
+    """sha1 of every frozen base tensor: base_weights_unchanged compares against the pre-trained weights."""
+    return {k: hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items() if not is_expert(k)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -305,6 +358,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Dict[str, torch
     return tau * tau * kl[mask].mean()
 
 
+
 # ----------------------------------------------------------------------------- the method's continual pieces
 def scheme_of(args: Args) -> dict:
     """Expert layout of each method: text experts, image side, coupled (all tokens on the text side), KD."""
@@ -318,11 +372,12 @@ def scheme_of(args: Args) -> dict:
     return dict(n_text=n_text, image_side=args.visual_adapter, coupled=False, kd=args.kd and args.visual_adapter)
 
 
-def route_for(batch: Dict[str, torch.Tensor], scheme: dict, stream: str, quirk_eval: bool = False) -> torch.Tensor:
+def route_for(batch: Dict[str, torch.Tensor], scheme: dict, stream: str, official: bool = False) -> torch.Tensor:
     """METHOD LOGIC: routing by token modality. 'task' = understanding sequences (true modality ids);
-    'gen' = the reference / text-to-image stream, every token (prompt too) to the V-Adapter (as coded)."""
+    'gen' = the reference / text-to-image stream, every token (prompt too) to the V-Adapter (as coded);
+    'eval' with official=True = every token to the text experts (the official evaluation code, E2)."""
     m = batch["modality"]
-    if scheme["coupled"] or (stream == "eval" and quirk_eval):
+    if scheme["coupled"] or (stream == "eval" and official):
         return torch.zeros_like(m)
     return torch.ones_like(m) if stream == "gen" else m
 
@@ -354,13 +409,17 @@ def task_step_loss(model, task_batch, ref_batch, scheme, args, image_lo):
             teacher = model(ref_batch["tokens"], None)  # frozen pre-trained model = experts bypassed
         student = model(ref_batch["tokens"], route_for(ref_batch, scheme, "gen"))
         kd = kd_loss(student, teacher, ref_batch, image_lo, args.kd_temperature,
-                     args.quirk_kd_double_temperature, args.quirk_kd_all_positions)
+                     args.official_kd_double_temperature, args.official_kd_all_positions)
     return ce + args.kd_lambda * kd, ce, kd
 
 
 def _flat_grad(loss, params):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else 0.0
 
 
 def gradient_conflict(model, task_batch, ref_batch, scheme, image_lo) -> dict:
@@ -375,9 +434,8 @@ def gradient_conflict(model, task_batch, ref_batch, scheme, image_lo) -> dict:
     g_t, g_v = _flat_grad(l_t, params), _flat_grad(l_v, params)
     model.train(was_training)
     n_text = sum(p.numel() for p in text)
-    cos = lambda a, b: float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else 0.0
-    return {"cos": cos(g_t, g_v), "cos_text_side": cos(g_t[:n_text], g_v[:n_text]),
-            "cos_image_side": cos(g_t[n_text:], g_v[n_text:]) if image else None,
+    return {"cos": _cos(g_t, g_v), "cos_text_side": _cos(g_t[:n_text], g_v[:n_text]),
+            "cos_image_side": _cos(g_t[n_text:], g_v[n_text:]) if image else None,
             "dot": float(g_t @ g_v), "gen_grad_norm": float(g_v.norm()),
             "gen_grad_norm_text_side": float(g_v[:n_text].norm())}
 
@@ -391,59 +449,68 @@ def answer_vocab(stream: Dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vqa_accuracy(model, stream, scheme, image_lo, quirk_eval, allowed, chunk=512):
+def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, where=""):
     """(closed-set, open) percent of sequences whose every target token is the argmax over the target's
-    modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not."""
+    modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not.
+    official=True routes every token to the text experts (E2). Non-finite logits raise ValueError."""
     closed, open_ = [], []
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
-        route = route_for(b, scheme, "eval", quirk_eval)
+        raw = model(b["tokens"], route_for(b, scheme, "eval", official))[:, :-1]
+        common.require_finite(raw, "vqa accuracy logits", where)
         targets, mask = b["tokens"][:, 1:], b["loss_mask"][:, 1:].bool()
-        logits = restrict_logits(model(b["tokens"], route)[:, :-1], targets, image_lo)
+        logits = restrict_logits(raw, targets, image_lo)
         open_.append(((logits.argmax(-1) == targets) | ~mask).all(1))
         closed.append(((logits.masked_fill(~allowed, float("-inf")).argmax(-1) == targets) | ~mask).all(1))
     return tuple(100.0 * float(torch.cat(c).float().mean()) for c in (closed, open_))
 
 
 @torch.no_grad()
-def generation_nll(model, stream, scheme, image_lo, chunk=512) -> float:
+def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> float:
+    """Teacher-forced NLL (nats per image code) of the reference images; non-finite logits raise ValueError."""
     tot, n = 0.0, 0
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
+        logits = model(b["tokens"], route_for(b, scheme, "gen"))
+        common.require_finite(logits, "gen_nll logits", where)
         k = int(b["loss_mask"][:, 1:].sum())
-        tot, n = tot + float(lm_loss(model(b["tokens"], route_for(b, scheme, "gen")), b, image_lo)) * k, n + k
+        tot, n = tot + float(lm_loss(logits, b, image_lo)) * k, n + k
     return tot / n
 
 
 @torch.no_grad()
-def generation_match(model, prompts, attrs, gumbel, scheme, image_lo) -> float:
+def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
     """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle."""
     seq = prompts.clone()
     for i in range(gumbel.shape[1]):
         route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
         logits = model(seq, route)[:, -1, image_lo:]
+        common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
     ok, col, shp = data.mode_read_image(seq[:, prompts.shape[1]:].cpu().numpy())
     return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
 
 
-def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args) -> dict:
-    """One row: (closed-set, open) accuracy per task (answers[t] = its answer vocabulary) and generation."""
+def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="") -> dict:
+    """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary)
+    and the generation metrics."""
     model.eval()
-    acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, args.quirk_eval_routing, answers[t])
-           for t in tasks]
-    row = {"acc": [a[0] for a in acc], "acc_open": [a[1] for a in acc],
-           "gen_nll": generation_nll(model, streams["reference_test"], scheme, image_lo),
-           "gen_match": generation_match(model, *gen_probe, scheme, image_lo) if gen_probe else None}
+    row = {}
+    for suffix, official in ROUTINGS:
+        acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], where=f"{where} {t}")
+               for t in tasks]
+        row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
+    row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
+    row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
     return row
 
 
 # ----------------------------------------------------------------------------- pre-training
-def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Generator) -> None:
+def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Generator, loggers: dict) -> None:
     """Full-parameter pre-training on captioning (image -> text) + text-to-image: the 'UMGM' before CL."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.01)
-    t0 = time.perf_counter()
+    total, t0 = torch.zeros((), device=stream["tokens"].device), time.perf_counter()
     for step in range(args.pretrain_steps):
         for g in opt.param_groups:
             g["lr"] = args.pretrain_lr * warmup_cosine(step, args.pretrain_steps, 0.05)
@@ -451,26 +518,35 @@ def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Gen
         loss = lm_loss(model(b["tokens"], None), b, image_lo)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), args.pretrain_max_grad_norm)
         opt.step()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.pretrain_steps:
+        total += loss.detach()  # device-side sum: non-finite once any step was
+        log = (step + 1) % args.log_every == 0 or step + 1 == args.pretrain_steps
+        if log or total.device.type == "cpu":
+            common.stop_if_diverged({"loss": total}, f"pretrain step {step + 1}")
+        if log:
             dt = time.perf_counter() - t0
             print(f"pretrain step {step + 1}/{args.pretrain_steps} loss {loss.item():.4f} "
                   f"{dt:.1f}s ({(step + 1) / dt:.1f} steps/s)", flush=True)
+            common.log_scalars(loggers, {"pretrain/loss": loss.item()}, step + 1)
 
 
-def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, source: str):
+def new_model(args: Args, vocab: int, device) -> UnifiedLM:
+    torch.manual_seed(args.seed)
+    return UnifiedLM(vocab, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.max_len).to(device)
+
+
+def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, source: str, loggers: dict):
     """Return (pre-trained model, seconds spent pre-training (0 when loaded), cache path)."""
     path = os.path.join(args.pretrain_cache_dir, f"{config_hash(args, source)}.pt")
-    torch.manual_seed(args.seed)
-    model = UnifiedLM(vocab, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.max_len).to(device)
+    model = new_model(args, vocab, device)
     if os.path.isfile(path):
-        model.load_state_dict(torch.load(path, map_location=device))
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         print(f"loaded pre-trained model from {path}")
         return model, 0.0, path
     sw = common.Stopwatch()
     with sw:
-        pretrain(model, streams["pretrain"], args, image_lo, torch.Generator().manual_seed(args.seed + 1))
+        pretrain(model, streams["pretrain"], args, image_lo, torch.Generator().manual_seed(args.seed + 1), loggers)
     os.makedirs(args.pretrain_cache_dir, exist_ok=True)
     torch.save(model.state_dict(), path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -478,150 +554,218 @@ def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, sou
     return model, sw.total, path
 
 
+def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, scheme: dict, ckpt, loggers):
+    """The pre-trained model with the method's experts: (model, trainable, base hashes, pretrain s, cache path).
+    --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed."""
+    if ckpt is None:
+        pre = np_streams["pretrain"]  # the cache key covers the pre-training data itself, not just its path
+        source = hashlib.sha1(b"".join(np.ascontiguousarray(pre[f]).tobytes() for f in FIELDS)).hexdigest()
+        model, pretrain_s, cache = load_or_pretrain(args, vocab, streams, image_lo, device, source, loggers)
+    else:
+        model, pretrain_s, cache = new_model(args, vocab, device), ckpt["timing"]["pretrain"], ckpt["pretrain_cache"]
+    # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
+    torch.manual_seed(args.seed + 3)
+    trainable = add_experts(model, args, scheme)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    base = base_hashes(model) if ckpt is None else ckpt["base_sha1"]
+    print(f"method {method_tag(args)} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
+    return model, trainable, base, pretrain_s, cache
+
+
+def generation_probe(args: Args, np_streams, streams, vocab: int, image_lo: int, device):
+    """Fixed prompts + Gumbel noise (built-in data): every row samples with the same randomness."""
+    if args.data_dir is not None:
+        return None
+    ref, n = np_streams["reference_test"], min(args.gen_samples, len(np_streams["reference_test"]["tokens"]))
+    noise = torch.rand(n, 16, vocab - image_lo, generator=torch.Generator().manual_seed(args.seed + 2))
+    return (streams["reference_test"]["tokens"][:n, :5], (ref["colour"][:n], ref["shape"][:n]),
+            (-torch.log(-torch.log(noise.clamp_min(1e-20)))).to(device))
+
+
+# ----------------------------------------------------------------------------- continual training
+def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args, image_lo: int, gen, loggers,
+               conflicts: list) -> None:
+    """METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task."""
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    sums, t0 = torch.zeros(3, device=streams[f"{task}_train"]["tokens"].device), time.perf_counter()
+    for step in range(args.steps_per_task):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
+        tb = sample_batch(streams[f"{task}_train"], args.batch_size, gen)
+        rb = sample_batch(streams["reference_train"], args.kd_batch_size, gen) if scheme["kd"] else None
+        loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        opt.step()
+        sums += torch.stack([loss, ce, kd]).detach()  # device-side sums: no host sync per step on a GPU
+        log = (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task
+        if log or sums.device.type == "cpu":
+            common.stop_if_diverged(dict(zip(("loss", "ce", "kd"), sums)), f"task {k + 1} ({task}) step {step + 1}")
+        if args.conflict_every and (step + 1) % args.conflict_every == 0:
+            c = gradient_conflict(model, sample_batch(streams[f"{task}_train"], args.conflict_batch_size, gen),
+                                  sample_batch(streams["reference_train"], args.conflict_batch_size, gen),
+                                  scheme, image_lo)
+            conflicts.append({"task": task, "step": step + 1, **c})
+        if log:
+            dt = time.perf_counter() - t0
+            print(f"task {k + 1} {task} step {step + 1}/{args.steps_per_task} loss {loss.item():.4f} "
+                  f"ce {ce.item():.4f} kd {kd.item():.5f} {dt:.1f}s ({(step + 1) / dt:.1f} steps/s)", flush=True)
+            common.log_scalars(loggers, {"losses/loss": loss.item(), "losses/ce": ce.item(), "losses/kd": kd.item(),
+                                         "charts/learning_rate": opt.param_groups[0]["lr"]},
+                               global_step(args, k, step + 1))
+
+
+def global_step(args: Args, k: int, step: int) -> int:
+    """One TensorBoard/W&B time line: pre-training steps, then step `step` of task k (0-based)."""
+    return args.pretrain_steps + k * args.steps_per_task + step
+
+
+def report_row(label: str, r: dict, loggers: dict, step: int) -> None:
+    print(f"{label}: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} "
+          f"official routing {['%.1f' % a for a in r['acc_official_routing']]} gen_nll {r['gen_nll']:.4f} "
+          f"gen_match {r['gen_match']}", flush=True)
+    common.log_scalars(loggers, {f"charts/{key}": float(np.mean(r[key])) for key in
+                                 ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing")}
+                       | {"charts/gen_nll": r["gen_nll"], "charts/gen_match": r["gen_match"]}, step)
+
+
+# ----------------------------------------------------------------------------- results
+def _mean_or_none(conflicts: list, key: str) -> Optional[float]:
+    vals = [c[key] for c in conflicts if c[key] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(rows: List[dict], conflicts: list) -> Dict[str, Optional[float]]:
+    """Flat summary: CL metrics of the four matrices, generation drop, gradient conflict means."""
+    s = {}
+    for suffix, _ in ROUTINGS:
+        for kind in ("", "_open"):
+            R = [r[f"acc{kind}{suffix}"] for r in rows]
+            s[f"acc{kind}{suffix}"] = common.final_average(R)
+            s[f"bwt{kind}{suffix}"] = common.backward_transfer(R)
+            s[f"forgetting{kind}{suffix}"] = common.forgetting(R)
+    gm, gn = [r["gen_match"] for r in rows], [r["gen_nll"] for r in rows]
+    drops = None if gm[0] is None else [100.0 * (gm[0] - v) for v in gm[1:]]
+    s |= {"gen_drop": drops[-1] if drops else None, "gen_drop_max": max(drops) if drops else None,
+          "gen_nll_increase": gn[-1] - gn[0], "gen_match_pre": gm[0], "gen_match_final": gm[-1]}
+    names = {"grad_cos": "cos", "grad_cos_text_side": "cos_text_side", "grad_cos_image_side": "cos_image_side",
+             "grad_dot": "dot", "gen_grad_norm": "gen_grad_norm", "gen_grad_norm_text_side": "gen_grad_norm_text_side"}
+    return s | {k: _mean_or_none(conflicts, v) for k, v in names.items()}
+
+
+def print_results(rows, tasks, summary, timing) -> None:
+    names = ["pre-trained"] + [f"after {t}" for t in tasks]
+    for suffix, title in (("", "true modality routing (E1, headline)"), ("_official_routing", "official routing (E2)")):
+        for kind, what in (("", "closed-set (task answer vocabulary)"), ("_open", "open (all text ids)")):
+            R = [r[f"acc{kind}{suffix}"] for r in rows]
+            print(f"accuracy, {what}, {title}:\n" + common.format_matrix(R, names, tasks))
+    print(f"gen_nll  {['%.4f' % r['gen_nll'] for r in rows]}\ngen_match {[r['gen_match'] for r in rows]}")
+    print("summary", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    print("time_s", json.dumps({k: round(v, 1) for k, v in timing.items()}))
+
+
 # ----------------------------------------------------------------------------- main
 def load_data(args: Args):
-    """(streams as numpy, task names, vocab size, first image id); raises data.DataError on bad input."""
+    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); raises data.DataError."""
     if args.data_dir is None:
-        return data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), list(data.MODE_TASKS), \
-            data.MODE_VOCAB, data.MODE_IMAGE_LO
-    meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
-    return streams, meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+        streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
+        vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
+    else:
+        meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
+        tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+    common.require(args.num_tasks <= len(tasks), "num_tasks", f"must be in [0, {len(tasks)}] (got {args.num_tasks})")
+    return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo
 
 
-def select_tasks(args: Args, tasks: List[str]) -> List[str]:
-    if args.num_tasks < 0 or args.num_tasks > len(tasks):
-        common.die(f"--num-tasks must be in [0, {len(tasks)}] (got {args.num_tasks})")
-    return tasks[: args.num_tasks or len(tasks)]
-
-
-def check_args(args: Args):
-    for name in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "lora_rank", "num_experts",
-                 "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads", "log_every"):
-        if getattr(args, name) <= 0:
-            common.die(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    if args.pretrain_steps < 0 or args.lr <= 0 or args.kd_temperature <= 0 or args.d_model % args.n_heads:
-        common.die("need --pretrain-steps >= 0, --lr > 0, --kd-temperature > 0, and --d-model divisible by --n-heads")
-    if args.data_dir is None and args.max_len < 24:
-        common.die("--max-len must be >= 24 for the built-in data (its sequences have 24 tokens)")
+def validate(args: Args) -> None:
+    """Every hyperparameter check, before anything is written: exit 2 with 'error: --flag: problem'."""
+    for f in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "conflict_batch_size",
+              "lora_rank", "num_experts", "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads",
+              "d_ff", "max_len", "log_every"):
+        common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
+    for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads"):
+        common.require(getattr(args, f) >= 0, f, f"must be >= 0 (got {getattr(args, f)})")
+    for f in ("lr", "pretrain_lr", "kd_temperature", "max_grad_norm", "pretrain_max_grad_norm", "lora_alpha"):
+        common.require(getattr(args, f) > 0, f, f"must be > 0 (got {getattr(args, f)})")
+    common.require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {args.lora_dropout})")
+    common.require(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}")
+    common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
+                   f"must be >= 24 for the built-in data (its sequences have 24 tokens; got {args.max_len})")
 
 
 def main(args: Args) -> dict:
-    check_args(args)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    try:  # validate all input before anything is written
+    # TRY NOT TO MODIFY: setup
+    validate(args)
+    common.check_extras(args)
+    try:
         np_streams, tasks, vocab, image_lo = load_data(args)
     except data.DataError as e:
         common.die(str(e))
-    tasks = select_tasks(args, tasks)
-    fields = ("tokens", "modality", "loss_mask")
-    pre = np_streams["pretrain"]  # the cache key covers the pre-training data itself, not just its path
-    source = hashlib.sha1(b"".join(np.ascontiguousarray(pre[f]).tobytes() for f in fields)).hexdigest()
-    benchmark = "synthetic" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-    run_name = f"{benchmark}__{args.exp_name}__{args.seed}__{int(time.time())}"
     gen = common.seed_everything(args.seed, args.torch_deterministic)
+    common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
-    run_dir = common.make_run_dir(args, run_name)
-    tracker = common.maybe_tracker(args, run_name)
-    streams = {k: to_tensors({f: v[f] for f in fields}, device) for k, v in np_streams.items()}
+    method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
+    name = common.run_name("mode", method, common.data_tag(args.data_dir), "tiny", args.seed)
+    run_dir, ckpt = common.open_run(args, name, "mode")
+    loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1))
+    t_start = time.perf_counter() - (ckpt["timing"]["total"] if ckpt else 0.0)
 
-    model, pretrain_s, cache_path = load_or_pretrain(args, vocab, streams, image_lo, device, source)
-    gen_probe = None
-    if args.data_dir is None:  # fixed prompts + Gumbel noise: every row samples with the same randomness
-        ref, n = np_streams["reference_test"], min(args.gen_samples, len(np_streams["reference_test"]["tokens"]))
-        noise = torch.rand(n, 16, vocab - image_lo, generator=torch.Generator().manual_seed(args.seed + 2))
-        gen_probe = (streams["reference_test"]["tokens"][:n, :5], (ref["colour"][:n], ref["shape"][:n]),
-                     (-torch.log(-torch.log(noise.clamp_min(1e-20)))).to(device))
-
-    # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
+    streams = {k: to_tensors({f: v[f] for f in FIELDS}, device) for k, v in np_streams.items()}
     scheme = scheme_of(args)
-    torch.manual_seed(args.seed + 3)
-    trainable = add_experts(model, args, scheme)
-    is_expert = lambda name: ".A_" in name or ".B_" in name or "router" in name
-    base_before = {k: v.clone() for k, v in model.state_dict().items() if not is_expert(k)}
-    print(f"method {args.method} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
-          f"{sum(p.numel() for p in model.parameters())} parameters")
-
+    model, trainable, base_sha1, pretrain_s, cache = build(args, np_streams, streams, vocab, image_lo, device,
+                                                           scheme, ckpt, loggers)
+    gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
-    rows = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args)]
-    r = rows[0]
-    print(f"pre-trained: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
-    conflicts, train_sw, eval_sw = [], common.Stopwatch(), common.Stopwatch()
-    for k, task in enumerate(tasks):
-        # METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task
-        opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-        t0 = time.perf_counter()
+    train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
+    if ckpt is None:
+        rows, conflicts, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, "row 0")], [], 0
+        report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
+    else:
+        rows, conflicts, done = ckpt["rows"], ckpt["conflicts"], ckpt["done"]
+        train_sw.total, eval_sw.total = ckpt["timing"]["train"], ckpt["timing"]["eval"]
+        common.restore_rng(ckpt["rng"], {"batches": gen})  # last: nothing after it may draw before training
+        print(f"resumed {run_dir} after task {done}/{T}")
+    for k in range(done, T):
+        task = tasks[k]
         with train_sw:
-            for step in range(args.steps_per_task):
-                for g in opt.param_groups:
-                    g["lr"] = args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
-                tb = sample_batch(streams[f"{task}_train"], args.batch_size, gen)
-                rb = sample_batch(streams["reference_train"], args.kd_batch_size, gen) if scheme["kd"] else None
-                loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-                opt.step()
-                if args.conflict_every and (step + 1) % args.conflict_every == 0:
-                    c = gradient_conflict(model, sample_batch(streams[f"{task}_train"], args.conflict_batch_size, gen),
-                                          sample_batch(streams["reference_train"], args.conflict_batch_size, gen),
-                                          scheme, image_lo)
-                    conflicts.append({"task": task, "step": step + 1, **c})
-                if (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task:
-                    dt = time.perf_counter() - t0
-                    print(f"task {k + 1}/{len(tasks)} {task} step {step + 1}/{args.steps_per_task} "
-                          f"loss {loss.item():.4f} ce {ce.item():.4f} kd {kd.item():.5f} "
-                          f"{dt:.1f}s ({(step + 1) / dt:.1f} steps/s)", flush=True)
+            train_task(model, trainable, streams, k, task, scheme, args, image_lo, gen, loggers, conflicts)
         with eval_sw:
-            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, args))
-        r = rows[-1]
-        print(f"after {task}: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} gen_nll {r['gen_nll']:.4f} gen_match {r['gen_match']}")
-        if tracker:
-            tracker.log({"task": k + 1, "acc_avg": float(np.mean(r["acc"])), "gen_nll": r["gen_nll"],
-                         "gen_match": r["gen_match"]})
+            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}"))
+        report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
+        timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
+                  "total": time.perf_counter() - t_start}
         if args.save_model:
-            torch.save({"experts": {n: p for n, p in model.state_dict().items() if n not in base_before},
-                        "task": k + 1, "args": asdict(args)}, os.path.join(run_dir, f"experts_after_{task}.pt"))
+            torch.save({"model": model.state_dict(), "task": k + 1, "args": vars(args)},
+                       os.path.join(run_dir, f"model_after_{task}.pt"))
+        common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
+            "model": model.state_dict(), "rng": common.rng_state({"batches": gen}), "rows": rows,
+            "conflicts": conflicts, "base_sha1": base_sha1, "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results
-    R, R_open = [r["acc"] for r in rows], [r["acc_open"] for r in rows]
+    summary = summarize(rows, conflicts)
+    timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
+              "total": time.perf_counter() - t_start}
+    print_results(rows, tasks, summary, timing)
     gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
-    base_ok = all(torch.equal(v, model.state_dict()[k]) for k, v in base_before.items())
-    vals = lambda key: [c[key] for c in conflicts if c[key] is not None]
-    mean_of = lambda key: float(np.mean(vals(key))) if vals(key) else None
-    summary = {
-        "acc": common.final_average(R), "bwt": common.backward_transfer(R), "forgetting": common.forgetting(R),
-        "acc_open": common.final_average(R_open), "bwt_open": common.backward_transfer(R_open),
-        "forgetting_open": common.forgetting(R_open),
-        "gen_drop": None if gmatch[0] is None else 100.0 * (gmatch[0] - gmatch[-1]),
-        "gen_nll_increase": gnll[-1] - gnll[0], "gen_match_pre": gmatch[0], "gen_match_final": gmatch[-1],
-        "grad_cos": mean_of("cos"), "grad_cos_text_side": mean_of("cos_text_side"),
-        "grad_cos_image_side": mean_of("cos_image_side"), "grad_dot": mean_of("dot"),
-        "gen_grad_norm": mean_of("gen_grad_norm"), "gen_grad_norm_text_side": mean_of("gen_grad_norm_text_side"),
-        "trainable_params": sum(p.numel() for p in trainable), "base_weights_unchanged": base_ok,
-    }
-    timing = {"pretrain_s": pretrain_s, "continual_train_s": train_sw.total, "eval_s": eval_sw.total}
-    names = ["pre-trained"] + [f"after {t}" for t in tasks]
-    print("accuracy, closed-set (task answer vocabulary):\n" + common.format_matrix(R, names, tasks))
-    print("accuracy, open (all text ids):\n" + common.format_matrix(R_open, names, tasks))
-    print(f"gen_nll  {['%.4f' % v for v in gnll]}\ngen_match {gmatch}")
-    print("summary", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
-    print(f"time: pretrain {pretrain_s:.1f}s, continual training {train_sw.total:.1f}s, "
-          f"evaluation {eval_sw.total:.1f}s")
-    none_col = lambda vals: [[None] * len(tasks) + [v] for v in vals]
-    common.write_metrics_csv(os.path.join(run_dir, "metrics.csv"),
-                             {"acc": [r + [None] for r in R], "acc_open": [r + [None] for r in R_open], "gen_nll": none_col(gnll), "gen_match": none_col(gmatch)},
-                             tasks + ["t2i"])
-    results = {"run_name": run_name, "method": args.method, "scheme": scheme, "tasks": tasks, "acc_matrix": R,
-               "acc_open_matrix": R_open,
-               "gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "summary": summary,
-               "timing": timing, "pretrain_cache": cache_path}
-    common.write_json(os.path.join(run_dir, "results.json"), results)  # last: a results.json means a complete run
-    if tracker:
-        tracker.summary.update({k: v for k, v in summary.items() if v is not None})
-        tracker.finish()
-    return results
+    extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "scheme": scheme,
+             "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
+             "base_weights_unchanged": base_hashes(model) == base_sha1}
+    res = common.results_envelope(
+        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone="tiny",
+        seed=args.seed, run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
+        device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES}, extra=extra,
+        summary=summary, timing_s=timing)
+    common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
+    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
+    if args.plot:
+        common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks, "accuracy, closed-set (E1), percent")
+    common.close_loggers(loggers)
+    common.finish_run(run_dir, args.save_model)
+    return res
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, default=common.resume_defaults(Args)))

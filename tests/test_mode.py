@@ -1,15 +1,20 @@
-"""Behavioural tests for mode.py (MoDE): routing, frozen base, identity init, KD, overfitting, end to end."""
+"""Behavioural tests for mode.py (MoDE): routing, frozen base, identity init, KD, overfitting, both evaluation
+routings, non-finite metrics, end to end, results envelope, resume after SIGKILL, divergence, validation."""
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 import tyro
 
+import common
 import data
 import mode
 
@@ -86,13 +91,13 @@ def test_base_weights_bit_identical_after_training_and_experts_move():
     args = mode.Args(lr=1e-2)
     model, scheme = tiny_model(), mode.scheme_of(args)
     trainable = mode.add_experts(model, args, scheme)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".A_" not in k and ".B_" not in k and "router" not in k}
+    base = {k: v.clone() for k, v in model.state_dict().items() if not mode.is_expert(k)}
     experts = [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        loss, _, _ = mode.task_step_loss(model, mode.sample_batch(S["gqa_train"], 16, g),
-                                         mode.sample_batch(S["reference_train"], 16, g), scheme, args, data.MODE_IMAGE_LO)
+        tb, rb = mode.sample_batch(S["gqa_train"], 16, g), mode.sample_batch(S["reference_train"], 16, g)
+        loss, _, _ = mode.task_step_loss(model, tb, rb, scheme, args, data.MODE_IMAGE_LO)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,57 +178,183 @@ def test_image_oracle_reads_clean_images_and_rejects_broken_ones():
     assert not data.mode_read_image(codes)[0].any()  # one cell of another colour or shape breaks the image
 
 
+def test_metrics_refuse_non_finite_logits():
+    w, S = streams(n=16)
+    task, lo = S["gqa_test"], data.MODE_IMAGE_LO
+    allowed, scheme = mode.answer_vocab(task, data.MODE_VOCAB), mode.scheme_of(mode.Args())
+    prompts, gumbel = S["reference_test"]["tokens"][:4, :5], torch.zeros(4, 16, data.MODE_VOCAB - lo)
+    attrs = (w["reference_test"]["colour"][:4], w["reference_test"]["shape"][:4])
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(1, 24, data.MODE_VOCAB)
+        logits[0, 3, 0] = logits[0, -1, lo] = bad
+        model = FixedLogits(logits)
+        with pytest.raises(ValueError, match="vqa accuracy"):
+            mode.vqa_accuracy(model, task, scheme, lo, False, allowed, where="row 2")
+        with pytest.raises(ValueError, match="gen_nll"):
+            mode.generation_nll(model, S["reference_test"], scheme, lo)
+        with pytest.raises(ValueError, match="gen_match"):
+            mode.generation_match(model, prompts, attrs, gumbel, scheme, lo)
+
+
+def test_official_routing_sends_every_token_to_the_text_experts():
+    _, S = streams()
+    b = S["gqa_test"]
+    for method, differs in (("mode", True), ("tmoe-only", True), ("seq-lora", False), ("moe-lora", False)):
+        scheme = mode.scheme_of(mode.Args(method=method))
+        e1, e2 = mode.route_for(b, scheme, "eval"), mode.route_for(b, scheme, "eval", official=True)
+        assert not e2.any() and (not torch.equal(e1, e2)) == differs  # E1 = E2 without modality routing
+
+
+def test_method_and_variant_tags():
+    A = mode.Args
+    assert [mode.method_tag(a) for a in (A(), A(kd=False), A(text_moe=False, official_kd_all_positions=True),
+                                         A(method="seq-lora"), A(method="seq-lora", kd=False))] == \
+        ["mode", "mode+no-kd", "mode+no-text-moe+official-kd-all-positions", "seq-lora", "seq-lora"]
+    variant = [common.tag(a, mode.VARIANT_FIELDS, A()) for a in (A(seed=5, out_dir="x", num_threads=2, log_every=3),
+                                                                 A(lr=1e-3, num_tasks=2))]
+    assert variant == ["", "lr=0.001,num_tasks=2"]  # infra flags never enter it
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Tiny pre-training once, then MoDE, MoDE without KD and seq-lora from the same pre-trained model."""
     tmp = tmp_path_factory.mktemp("mode")
     cache = str(tmp / "cache")
-    run = lambda name, **kw: mode.main(mode.Args(**{**TINY, "pretrain_cache_dir": cache, "out_dir": str(tmp / name), **kw}))
-    out = {"mode": run("mode"), "nokd": run("nokd", kd=False), "seq": run("seq", method="seq-lora")}
+    out = {}
+    for name, kw in (("mode", {}), ("nokd", dict(kd=False)), ("seq", dict(method="seq-lora"))):
+        out[name] = mode.main(mode.Args(**{**TINY, "pretrain_cache_dir": cache, "out_dir": str(tmp / name), **kw}))
     return tmp, cache, out
 
 
 def test_end_to_end_inter_modal_forgetting(e2e):
     _, _, out = e2e
     s = {k: v["summary"] for k, v in out.items()}
-    assert out["mode"]["gen_match"][0] > 0.8  # the pre-trained model generates well
-    assert all(v["base_weights_unchanged"] for v in s.values())
+    assert out["mode"]["extra"]["gen_match"][0] > 0.8  # the pre-trained model generates well
+    assert all(v["extra"]["base_weights_unchanged"] for v in out.values())
     assert s["seq"]["gen_drop"] > 10 and s["nokd"]["gen_drop"] > 10  # shared / un-anchored adapters damage generation
     assert abs(s["mode"]["gen_drop"]) < 5 and s["mode"]["gen_drop"] < s["seq"]["gen_drop"]
+    assert s["seq"]["gen_drop_max"] >= s["seq"]["gen_drop"]
     assert s["mode"]["gen_nll_increase"] < s["nokd"]["gen_nll_increase"]
     assert s["mode"]["gen_grad_norm_text_side"] == 0.0 and s["seq"]["gen_grad_norm_text_side"] > 0
     # seq-lora also forgets earlier understanding tasks: the answer type (open) and, less, the skill (closed-set)
     assert s["seq"]["forgetting_open"] > 20 and s["seq"]["forgetting"] > 5
     assert s["seq"]["forgetting_open"] > s["seq"]["forgetting"]
-    R = out["seq"]["acc_matrix"]
+    R = out["seq"]["matrices"]["acc"]
     assert max(R[j + 1][j] for j in range(len(R[0]))) > 50  # tasks are learnt at all
 
 
-def test_end_to_end_outputs_and_determinism(e2e):
+def test_both_routings_scored_every_row(e2e):
+    _, _, out = e2e
+    m, seq = out["mode"]["matrices"], out["seq"]["matrices"]
+    assert seq["acc"] == seq["acc_official_routing"] and seq["acc_open"] == seq["acc_open_official_routing"]
+    assert m["acc"][0] == m["acc_official_routing"][0]  # identity experts at row 0
+    assert m["acc"] != m["acc_official_routing"]  # a trained V-Adapter vs the T-MoE on image tokens
+    assert out["mode"]["summary"]["forgetting_official_routing"] == \
+        common.forgetting(m["acc_official_routing"])
+
+
+def _strict(path):
+    def refuse(c):
+        raise ValueError(c)
+
+    return json.load(open(path), parse_constant=refuse)
+
+
+ENVELOPE = {"schema", "script", "method", "variant", "data", "backbone", "seed", "run_name", "args", "env", "tasks",
+            "rows", "matrices", "extra", "summary", "timing_s"}
+
+
+def test_end_to_end_results_envelope(e2e):
+    tmp, _, out = e2e
+    r = _strict(tmp / "nokd" / "results.json")
+    assert set(r) == ENVELOPE and r["schema"] == 1 and r["rows"][0] == "init" and r["backbone"] == "tiny"
+    assert (r["script"], r["method"], r["data"], r["seed"]) == ("mode", "mode+no-kd", "builtin", 0)
+    assert set(r["matrices"]) == {"acc", "acc_open", "acc_official_routing", "acc_open_official_routing"}
+    assert all(len(R) == len(r["rows"]) and all(len(row) == len(r["tasks"]) for row in R)
+               for R in r["matrices"].values())
+    assert all(v is None or type(v) in (int, float) for v in r["summary"].values())
+    assert {"acc", "bwt", "forgetting_official_routing", "gen_drop", "gen_drop_max", "grad_cos"} <= set(r["summary"])
+    assert {"gen_nll", "gen_match", "grad_conflict", "scheme", "trainable_params"} <= set(r["extra"])
+    assert set(r["timing_s"]) == {"pretrain", "train", "eval", "total"}
+    assert out["nokd"]["timing_s"]["pretrain"] == 0.0  # loaded from the cache of the first run
+    lines = open(tmp / "nokd" / "metrics.csv").read().splitlines()
+    assert lines[0] == "script,method,variant,seed,row,after,entry,metric,value"
+    assert sum(",t2i,gen_match," in ln for ln in lines) == len(r["rows"])
+    assert not os.path.exists(tmp / "nokd" / "checkpoint.pt")  # deleted after results.json
+
+
+def _kill_after_first_checkpoint(cmd, run):
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(300, p.kill)
+    timer.start()
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("checkpoint 1/"):
+            p.kill()  # SIGKILL on POSIX
+            break
+    p.wait()
+    timer.cancel()
+    assert p.returncode == -signal.SIGKILL, "".join(lines)
+    assert (run / "checkpoint.pt").exists() and not (run / "results.json").exists()
+    return "".join(lines)
+
+
+def test_subprocess_kill_and_resume_equals_an_uninterrupted_run(e2e, tmp_path, capsys):
     tmp, cache, out = e2e
-    res = json.load(open(tmp / "mode" / "results.json"))
-    assert {"acc", "bwt", "gen_drop", "grad_cos"} <= set(res["summary"])
-    assert len(res["acc_matrix"]) == TINY["num_tasks"] + 1 and os.path.isfile(tmp / "mode" / "metrics.csv")
-    again = mode.main(mode.Args(**{**TINY, "pretrain_cache_dir": cache, "out_dir": str(tmp / "again"), "kd": False}))
-    assert again["timing"]["pretrain_s"] == 0.0  # loaded from the cache
-    for key in ("acc_matrix", "gen_nll", "gen_match", "grad_conflict"):
-        assert again[key] == out["nokd"][key]
+    run = tmp_path / "run"
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    log = _kill_after_first_checkpoint([sys.executable, "mode.py", *cli, "--pretrain-cache-dir", cache,
+                                        "--out-dir", str(run)], run)
+    assert "loaded pre-trained model" in log
+    resume = dict(TINY, pretrain_cache_dir=cache, out_dir=str(run), resume=str(run))
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**{**resume, "steps_per_task": 61}))
+    assert e.value.code == 2 and "steps_per_task" in capsys.readouterr().err
+    os.rename(cache, cache + ".away")  # resume must not need the pre-training cache
+    try:
+        mode.main(mode.Args(**resume))
+    finally:
+        os.rename(cache + ".away", cache)
+    strip = ("timing_s", "run_name", "args", "env")
+    got, ref = _strict(run / "results.json"), _strict(tmp / "mode" / "results.json")
+    assert {k: v for k, v in got.items() if k not in strip} == {k: v for k, v in ref.items() if k not in strip}
+    assert got["extra"]["base_weights_unchanged"] and not (run / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit) as e:  # a finished run has no checkpoint left
+        mode.main(mode.Args(**resume))
+    assert e.value.code == 2 and "results.json exists" in capsys.readouterr().err
 
 
-def test_subprocess_smoke(e2e, tmp_path):
+def test_divergence_stops_with_exit_1_and_no_results(e2e, tmp_path, capsys):
     _, cache, _ = e2e
-    cmd = [sys.executable, "mode.py", "--d-model", "48", "--n-layers", "2", "--d-ff", "96", "--n-train", "512",
-           "--n-test", "96", "--gen-samples", "96", "--pretrain-steps", "500", "--pretrain-lr", "4e-3", "--seed", "0",
-           "--pretrain-cache-dir", cache, "--method", "moe-lora", "--steps-per-task", "5", "--num-tasks", "2",
-           "--out-dir", str(tmp_path / "out")]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "loaded pre-trained model" in p.stdout
-    res = json.load(open(tmp_path / "out" / "results.json"))
-    assert res["method"] == "moe-lora" and res["tasks"] == ["scienceqa", "textvqa"]
-    assert [len(r) for r in res["acc_matrix"]] == [2, 2, 2] and [len(r) for r in res["acc_open_matrix"]] == [2, 2, 2]
-    assert all(c >= o for rc, ro in zip(res["acc_matrix"], res["acc_open_matrix"]) for c, o in zip(rc, ro))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # the cached pre-trained model, then adapters at lr 1e30
+        mode.main(mode.Args(**{**TINY, "lr": 1e30, "num_tasks": 1, "pretrain_cache_dir": cache, "out_dir": str(out)}))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "diverged at task 1 (scienceqa) step" in err
+    assert not (out / "results.json").exists()
+    small = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, n_train=64, n_test=32, gen_samples=8, pretrain_steps=20,
+                 pretrain_lr=1e30, pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "pre"))
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**small))
+    assert e.value.code == 1 and "diverged at pretrain step" in capsys.readouterr().err
+    assert not (tmp_path / "pre" / "results.json").exists() and not (tmp_path / "c").exists()  # no cache
+
+
+SMALL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, n_train=64, n_test=32, gen_samples=8, pretrain_steps=2,
+             steps_per_task=2, num_tasks=2, conflict_every=0, log_every=1)
+
+
+def test_plot_tensorboard_and_save_model(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "out"
+    mode.main(mode.Args(**SMALL, plot=True, tensorboard=True, save_model=True, pretrain_cache_dir=str(tmp_path / "c"),
+                        out_dir=str(out)))
+    assert (out / "acc_matrix.png").stat().st_size > 0 and (out / "acc_curves.png").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    assert (out / "checkpoint.pt").exists() and (out / "model_after_textvqa.pt").exists()  # kept with --save-model
 
 
 def test_data_dir_roundtrip_runs(tmp_path):
@@ -232,12 +363,15 @@ def test_data_dir_roundtrip_runs(tmp_path):
     d.mkdir()
     json.dump({"vocab_size": data.MODE_VOCAB, "image_token_start": data.MODE_IMAGE_LO, "tasks": ["gqa", "vizwiz"]},
               open(d / "meta.json", "w"))
-    for name in ["pretrain", "reference_train", "reference_test", "gqa_train", "gqa_test", "vizwiz_train", "vizwiz_test"]:
+    for name in ["pretrain", "reference_train", "reference_test", "gqa_train", "gqa_test", "vizwiz_train",
+                 "vizwiz_test"]:
         np.savez(d / f"{name}.npz", **{f: w[name][f] for f in ("tokens", "modality", "loss_mask")})
     res = mode.main(mode.Args(data_dir=str(d), d_model=32, n_layers=1, d_ff=64, pretrain_steps=5, steps_per_task=3,
                               pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "o"), log_every=1000))
-    assert res["tasks"] == ["gqa", "vizwiz"] and res["summary"]["gen_drop"] is None
-    assert len(res["gen_nll"]) == 3 and np.isfinite(res["gen_nll"]).all()
+    assert res["tasks"] == ["gqa", "vizwiz"] and res["data"] == "tasks"
+    assert res["summary"]["gen_drop"] is None and res["summary"]["gen_drop_max"] is None
+    assert len(res["extra"]["gen_nll"]) == 3 and np.isfinite(res["extra"]["gen_nll"]).all()
+    _strict(tmp_path / "o" / "results.json")
 
 
 # ----------------------------------------------------------------------------- bad input, CLI
@@ -260,7 +394,8 @@ BREAKAGES = {
     "missing file": (lambda m, a: a.__setitem__("gqa_test", None), "gqa_test.npz: file not found"),
     "bad meta": (lambda m, a: m.__setitem__("image_token_start", 0), "meta.json"),
     "token out of range": (lambda m, a: a["gqa_train"]["tokens"].__setitem__((0, 3), 999), "out of range"),
-    "shape mismatch": (lambda m, a: a["pretrain"].__setitem__("modality", a["pretrain"]["modality"][:, :5]), "share one"),
+    "shape mismatch": (lambda m, a: a["pretrain"].__setitem__("modality", a["pretrain"]["modality"][:, :5]),
+                       "share one"),
     "bad modality": (lambda m, a: a["reference_train"]["modality"].__setitem__((0, 0), 2), "only 0/1"),
     "no target": (lambda m, a: a["gqa_test"]["loss_mask"].__setitem__(0, 0), "target"),
     "missing array": (lambda m, a: a["gqa_train"].pop("loss_mask"), "missing array 'loss_mask'"),
@@ -280,18 +415,46 @@ def test_bad_data_dir_is_rejected_with_a_clear_message(tmp_path, case, capsys):
     assert not out.exists() and not (tmp_path / "c").exists()  # nothing written
 
 
-def test_bad_arguments_exit_2_before_writing(tmp_path):
-    for kw in (dict(steps_per_task=0), dict(num_tasks=9), dict(data_dir=str(tmp_path / "nope"))):
+BAD_ARGS = [
+    (dict(steps_per_task=0), "--steps-per-task"), (dict(num_tasks=9), "--num-tasks"),
+    (dict(num_tasks=-1), "--num-tasks"), (dict(lr=0.0), "--lr"), (dict(pretrain_lr=-1.0), "--pretrain-lr"),
+    (dict(n_heads=3), "--n-heads"), (dict(lora_dropout=1.5), "--lora-dropout"),
+    (dict(kd_lambda=-1.0), "--kd-lambda"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm"), (dict(pretrain_max_grad_norm=0.0), "--pretrain-max-grad-norm"),
+    (dict(conflict_every=-1), "--conflict-every"), (dict(conflict_batch_size=0), "--conflict-batch-size"),
+    (dict(d_ff=0), "--d-ff"), (dict(lora_alpha=0.0), "--lora-alpha"), (dict(kd_temperature=0.0), "--kd-temperature"),
+    (dict(max_len=16), "--max-len"), (dict(num_threads=-1), "--num-threads"), (dict(lr=float("nan")), "--lr"),
+]
+
+
+@pytest.mark.parametrize("overrides,flag", BAD_ARGS, ids=[f for _, f in BAD_ARGS])
+def test_bad_arguments_exit_2_naming_the_flag_before_writing(tmp_path, capsys, overrides, flag):
+    out, cache = tmp_path / "out", tmp_path / "c"
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(out_dir=str(out), pretrain_cache_dir=str(cache), n_train=64, n_test=32, **overrides))
+    assert e.value.code == 2 and f"error: {flag}: " in capsys.readouterr().err
+    assert not out.exists() and not cache.exists()
+
+
+def test_missing_data_dir_and_missing_extras_exit_2(tmp_path, capsys):
+    cases = [dict(data_dir=str(tmp_path / "nope"))]
+    cases += [dict(track=True)] if importlib.util.find_spec("wandb") is None else []
+    for kw in cases:
         with pytest.raises(SystemExit) as e:
             mode.main(mode.Args(out_dir=str(tmp_path / "out"), **kw))
         assert e.value.code == 2 and not (tmp_path / "out").exists()
+    if importlib.util.find_spec("wandb") is None:
+        assert "pip install wandb" in capsys.readouterr().err
 
 
-def test_tyro_parses_methods_and_ablations():
-    a = tyro.cli(mode.Args, args=["--method", "seq-lora", "--no-kd", "--no-text-moe", "--seed", "3"])
+def test_tyro_parses_methods_ablations_and_official_switches():
+    a = tyro.cli(mode.Args, args=["--method", "seq-lora", "--no-kd", "--no-text-moe", "--seed", "3",
+                                  "--max-grad-norm", "5", "--official-kd-double-temperature"])
     assert (a.method, a.kd, a.text_moe, a.visual_adapter, a.seed) == ("seq-lora", False, False, True, 3)
+    assert (a.max_grad_norm, a.official_kd_double_temperature) == (5.0, True)
     assert mode.scheme_of(a) == dict(n_text=1, image_side=False, coupled=True, kd=False)
     assert mode.scheme_of(mode.Args(visual_adapter=False))["kd"] is False
-    with pytest.raises(SystemExit) as e:
-        tyro.cli(mode.Args, args=["--method", "nope"], console_outputs=False)
-    assert e.value.code == 2
+    for bad in (["--method", "nope"], ["--quirk-eval-routing"], ["--grad-clip", "1"]):  # removed / renamed
+        with pytest.raises(SystemExit) as e:
+            tyro.cli(mode.Args, args=bad, console_outputs=False)
+        assert e.value.code == 2
