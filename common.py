@@ -50,9 +50,9 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> torch.Genera
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
-    if torch_deterministic:
+    if torch_deterministic and torch.cuda.is_available():  # CPU kernels are deterministic; the call costs 2 s there
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(torch_deterministic, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.Generator().manual_seed(seed)
 
 

@@ -143,21 +143,27 @@ def test_covariance_update_matches_hand_formula():
 
 def test_inactive_modalities_are_bit_identical_after_a_step():
     gen = torch.Generator().manual_seed(6)
-    model = dns.build_model({"a": 16, "b": 16, "c": 16}, 16, gen)
+    model = dns.build_model({"a": 16, "b": 16, "c": 16}, 16, seed=6)
     with torch.no_grad():
         model["c"].weight.add_(0.1)  # non-identity state that weight decay would shrink
     before = {k: v.clone() for k, v in model["c"].state_dict().items()}
     state, xa, xb, *_ = trained_state(gen, d=16)
     proj = {m: dns.build_projectors(state, m, 1e-6, 1e-6, False) for m in ("a", "b")}
     args = dns.Args(epochs=2, batch_size=32)
-    dns.train_step(model, "a", "b", xa[:100], xb[:100], proj, args, gen, common.Stopwatch())
+    st = dns.new_cl_state(0, 16, "cpu")
+    dns.start_step(st, model, 0, "a", "b", {"a": xa, "b": xb}, args)
+    gens = {"batches": gen, "replay": torch.Generator().manual_seed(0)}
+    dns.train_step(model, 0, "a", "b", xa[:100], xb[:100], proj, st, args, gens, common.Stopwatch(), "step 1")
     assert all(torch.equal(before[k], v) for k, v in model["c"].state_dict().items())
     assert model["c"].weight.grad is None
     assert not torch.equal(model["a"].weight, torch.eye(16))
 
 
 # ----------------------------------------------------------------------------- end to end on the built-in benchmark
-E2E = dict(backbone="languagebind", num_threads=1)  # default size: about 2 minutes for both methods
+# Five of the paper's steps at the default size (about 35 s for both methods; the 11-step run takes 2 minutes)
+E2E = dict(backbone="languagebind", num_threads=1, steps=["ucf101:text-video", "esc50:text-audio",
+                                                        "vggsound_s:text-audio", "vggsound_s:text-video",
+                                                        "clotho:text-audio"])
 
 
 @pytest.fixture(scope="module")
@@ -174,21 +180,35 @@ def test_dns_forgets_less_and_ends_higher_than_vanilla(e2e):
     assert d["acc"] > v["acc"]
 
 
-def test_results_layout_and_row0_is_the_untrained_backbone(e2e):
+ENVELOPE = {"schema", "script", "method", "variant", "data", "backbone", "seed", "run_name", "args", "env", "tasks",
+            "rows", "matrices", "extra", "summary", "timing_s"}
+
+
+def test_results_envelope_and_row0_is_the_untrained_backbone(e2e):
     res, tmp = e2e
-    r = json.load(open(tmp / "dns" / "results.json"))
-    T = len(r["steps"])
-    assert T == 11 and set(r["summary"]) >= {"acc", "bwt_acc", "r1", "r5", "r10", "bwt_r10"}
-    for key in ("acc", "r1", "r5", "r10"):
-        assert len(r["matrices"][key]) == T + 1 and all(len(row) == T for row in r["matrices"][key])
+    r = json.loads(open(tmp / "dns" / "results.json").read(), parse_constant=pytest.fail)  # strict JSON
+    T = len(r["tasks"])
+    assert set(r) == ENVELOPE and r["schema"] == 1 and r["script"] == "dns" and r["rows"] == ["init"] + r["tasks"]
+    assert (r["method"], r["variant"], r["data"], r["backbone"]) == ("dns", "steps=" + " ".join(E2E["steps"]),
+                                                                      "builtin", "languagebind")
+    assert T == 5 and set(r["summary"]) == {"acc", "bwt_acc", "r1", "r5", "r10", "bwt_r10", "stored_bytes"}
+    assert all(v is None or isinstance(v, (int, float)) for v in r["summary"].values())
+    for key, R in r["matrices"].items():
+        assert len(R) == T + 1 and all(len(row) == T for row in R)
     assert r["matrices"]["acc"][0] == res["vanilla"]["matrices"]["acc"][0]  # same init, same data
     acc_entries = [j for j, v in enumerate(r["matrices"]["acc"][-1]) if v is not None]
-    assert acc_entries == [0, 1, 4, 5]  # ucf101, esc50, vggsound T-A and T-VI
-    assert r["matrices"]["r10"][-1][0] is None and r["matrices"]["r10"][-1][6] is not None  # no recall for UCF101
+    assert acc_entries == [0, 1, 2, 3]  # ucf101, esc50, vggsound T-A and T-VI
+    assert r["matrices"]["r10"][-1][0] is None and r["matrices"]["r10"][-1][4] is not None  # no recall for UCF101
     for j in acc_entries:  # training helps: just-trained accuracy above the untrained backbone
         assert r["matrices"]["acc"][j + 1][j] > r["matrices"]["acc"][0][j]
-    assert len(r["time_s"]["train"]) == T and os.path.exists(tmp / "dns" / "metrics.csv")
+    assert len(r["timing_s"]["train"]) == T and r["timing_s"]["total"] > 0
+    # memory: DNS keeps two float64 d x d moments per seen modality (text, video, audio: 768-d), vanilla nothing
+    assert r["summary"]["stored_bytes"] == 3 * 2 * 8 * 768**2 and res["vanilla"]["summary"]["stored_bytes"] == 0
+    assert not (tmp / "dns" / "checkpoint.pt").exists()  # removed after results.json without --save-model
+    head = open(tmp / "dns" / "metrics.csv").readline().strip()
+    assert head == "script,method,variant,seed,row,after,entry,metric,value"
     assert json.load(open(tmp / "dns" / "args.json"))["method"] == "dns"
+    assert res["vanilla"]["run_name"].startswith("dns__vanilla__builtin__languagebind__1__")
 
 
 def test_same_seed_gives_identical_results_and_other_seed_differs(tmp_path):
@@ -216,7 +236,7 @@ def test_npz_loader_runs_end_to_end_with_mixed_dims(tmp_path):
     # text is 8-d, audio 6-d: D = 8, audio gets an orthogonal Linear(6, 8); step 2 projects both (non-square P_in)
     args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio", "toy:audio-text"], epochs=2, out_dir=str(tmp_path / "out"))
     r = dns.main(args)
-    assert r["steps"] == ["toy(text-audio)", "toy(audio-text)"]
+    assert r["tasks"] == ["toy(text-audio)", "toy(audio-text)"] and r["data"] == os.path.basename(str(tmp_path))
     assert r["matrices"]["acc"][1][0] is not None and r["matrices"]["r10"][2][1] is not None
     assert os.path.exists(tmp_path / "out" / "results.json")
 
@@ -228,7 +248,7 @@ BAD = {
     "empty split": dict(text=np.zeros((0, 8), np.float32), audio=np.zeros((0, 6), np.float32), label=None),
     "label out of range": dict(label=np.full(40, 7)),
     "class_text dim": dict(class_text=np.zeros((4, 5), np.float32)),
-    "unknown array": dict(smell=np.zeros((40, 3), np.float32)),
+    "unknown array": {"bad-name": np.zeros((40, 3), np.float32)},
 }
 EXPECT = {"missing modality": "missing modality array 'audio'", "different lengths": "different lengths",
           "non-finite": "non-finite", "empty split": "empty split", "label out of range": "label out of range",
@@ -253,12 +273,14 @@ def test_missing_file_and_bad_steps_are_rejected(tmp_path):
     write_split(tmp_path / "toy_train.npz")
     with pytest.raises(data.DataError, match=r"toy_test.npz: file not found"):
         data.load_dns_features(str(tmp_path), [("toy", "text", "audio")])
-    for item, msg in (("toy-text-audio", "expected 'dataset:modA-modB'"), ("toy:text-smell", "unknown modality 'smell'"),
+    for item, msg in (("toy-text-audio", "expected 'dataset:modA-modB'"), ("toy:text-sm.ell", "expected 'dataset"),
                       ("toy:text-text", "two different modalities")):
         with pytest.raises(data.DataError, match=msg):
             data.parse_dns_steps([item])
-    with pytest.raises(data.DataError, match="has modalities"):
-        dns.load_benchmark(dns.Args(steps=["esc50:text-video"]))
+    for steps, msg in ((["esc50:text-video"], "has modalities"), (["esc50:text-smell"], "has modalities")):
+        with pytest.raises(SystemExit) as e:
+            dns.main(dns.Args(steps=steps, out_dir=str(tmp_path / "x")))
+        assert e.value.code == 2 and not (tmp_path / "x").exists()
     with pytest.raises(data.DataError, match="unknown backbone"):
         data.make_dns_benchmark("clip", [("esc50", "text", "audio")])
 
@@ -281,12 +303,100 @@ def test_tyro_parses_flags_and_rejects_unknown_backbone():
     assert e.value.code == 2
 
 
-def test_subprocess_smoke_run(tmp_path):
-    out = tmp_path / "smoke"
-    cmd = [sys.executable, "dns.py", "--backbone", "imagebind", "--bench-scale", "0.005", "--epochs", "1",
-           "--steps", "esc50:text-audio", "clotho:text-audio", "--official-cov-bug", "--out-dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "built-in synthetic benchmark" in p.stdout and "step  2/2" in p.stdout
-    r = json.load(open(out / "results.json"))
-    assert r["steps"] == ["esc50(text-audio)", "clotho(text-audio)"] and r["summary"]["r10"] is not None
+TINY = dict(backbone="imagebind", bench_scale=0.05, epochs=3, steps=["esc50:text-audio", "vggsound_s:text-audio",
+                                                                    "vggsound_s:text-video"], official_cov_bug=True)
+
+
+def cli(kw):
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [flag, *v] if isinstance(v, list) else [flag, str(v)]
+    return out
+
+
+def strip(r):
+    return {k: v for k, v in r.items() if k not in ("timing_s", "run_name", "args", "env")}
+
+
+def test_subprocess_kill_and_resume_is_bit_identical(tmp_path):
+    ref = dns.main(dns.Args(seed=3, out_dir=str(tmp_path / "ref"), **TINY))
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "dns.py", *cli(TINY), "--seed", "3", "--out-dir", str(run)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("checkpoint 1/"):
+            p.kill()  # SIGKILL on POSIX
+            break
+    p.wait(timeout=60)
+    assert "built-in synthetic benchmark" in "".join(lines) and "step  1/3" in "".join(lines)
+    assert not (run / "results.json").exists() and (run / "checkpoint.pt").exists()
+    resumed = dns.main(dns.Args(seed=3, out_dir=str(run), resume=str(run), **TINY))
+    assert strip(json.load(open(run / "results.json"))) == strip(json.load(open(tmp_path / "ref" / "results.json")))
+    assert resumed["summary"] == ref["summary"] and not (run / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_other_args_and_dirs_without_checkpoint(tmp_path, capsys):
+    kw = dict(bench_scale=0.005, epochs=1, steps=["esc50:text-audio", "clotho:text-audio"])
+    run = tmp_path / "run"
+    dns.main(dns.Args(out_dir=str(run), save_model=True, **kw))  # keeps checkpoint.pt
+    assert (run / "checkpoint.pt").exists() and (run / "model_after_2.pt").exists()
+    with pytest.raises(SystemExit) as e:
+        dns.main(dns.Args(out_dir=str(run), resume=str(run), **{**kw, "epochs": 2}, lr=1e-3))
+    assert e.value.code == 2 and "epochs (2 != 1), lr (0.001 != 0.0001)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a new run must not overwrite an unfinished one
+        dns.main(dns.Args(out_dir=str(run), **kw))
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    os.remove(run / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:
+        dns.main(dns.Args(out_dir=str(run), resume=str(run), num_threads=2, **kw))  # threads may differ
+    assert e.value.code == 2 and "the run is complete" in capsys.readouterr().err
+    # on the command line, the stored args are the defaults: only retyped flags can differ
+    stored = common.resume_defaults(dns.Args, ["--resume", str(run), "--num-threads", "2"])
+    assert stored.epochs == 1 and stored.steps == kw["steps"]
+
+
+@pytest.mark.parametrize("override, flag", [
+    (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(batch_size=0), "--batch-size"),
+    (dict(temperature=0.0), "--temperature"), (dict(embed_dim=0), "--embed-dim"), (dict(bench_scale=-0.1), "--bench-scale"),
+    (dict(retrieval_subsets=0), "--retrieval-subsets"), (dict(max_grad_norm=-1.0), "--max-grad-norm"),
+    (dict(lambda_min=-1.0), "--lambda-min"), (dict(buffer_size=-1), "--buffer-size"), (dict(ewc_lambda=-1.0), "--ewc-lambda"),
+    (dict(der_alpha=-0.1), "--der-alpha"), (dict(co2l_past_temp=0.0), "--co2l-past-temp"), (dict(cflat_rho=-1.0), "--cflat-rho"),
+    (dict(num_threads=-1), "--num-threads"), (dict(resume="/nonexistent/run"), "--resume"),
+])
+def test_bad_hyperparameters_exit_2_naming_the_flag_before_writing(override, flag, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        dns.main(dns.Args(out_dir=str(out), **override))
+    assert e.value.code == 2 and flag in capsys.readouterr().err and not out.exists()
+
+
+def test_missing_extra_exits_2_with_pip_command(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        dns.main(dns.Args(track=True, out_dir=str(tmp_path / "out")))
+    assert e.value.code == 2 and "pip install wandb" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_divergence_stops_with_exit_1_naming_the_step_and_writes_no_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        dns.main(dns.Args(lr=1e30, bench_scale=0.005, epochs=2, steps=["esc50:text-audio"], out_dir=str(out)))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "diverged at step 1/1 (esc50(text-audio)) epoch" in err and "contrastive" in err
+    assert not (out / "results.json").exists()
+
+
+def test_plot_and_tensorboard_outputs(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "out"
+    dns.main(dns.Args(plot=True, tensorboard=True, bench_scale=0.005, epochs=1,
+                      steps=["esc50:text-audio", "clotho:text-audio"], out_dir=str(out)))
+    assert (out / "acc_matrix.png").stat().st_size > 1000 and (out / "acc_curves.png").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
