@@ -400,14 +400,26 @@ def split_params(model: UnifiedLM):
     return text, image
 
 
-def task_step_loss(model, task_batch, ref_batch, scheme, args, image_lo):
+def kd_student(model, ref_batch, scheme, kd_gen: Optional[torch.Generator]) -> torch.Tensor:
+    """The student's reference forward; with kd_gen its dropout masks come from a stream of their own, so the
+    global RNG (the task forward's dropout) advances exactly as in a method without KD (paired seeds)."""
+    route = route_for(ref_batch, scheme, "gen")
+    if kd_gen is None:
+        return model(ref_batch["tokens"], route)
+    dev = ref_batch["tokens"].device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(int(torch.randint(2**62, (), generator=kd_gen)))
+        return model(ref_batch["tokens"], route)
+
+
+def task_step_loss(model, task_batch, ref_batch, scheme, args, image_lo, kd_gen=None):
     """Eq. (L_total): L = L_CE(task) + lambda * L_KD(reference); KD reaches only the V-Adapter."""
     ce = lm_loss(model(task_batch["tokens"], route_for(task_batch, scheme, "task")), task_batch, image_lo)
     kd = torch.zeros((), device=ce.device)
     if scheme["kd"]:
         with torch.no_grad():
             teacher = model(ref_batch["tokens"], None)  # frozen pre-trained model = experts bypassed
-        student = model(ref_batch["tokens"], route_for(ref_batch, scheme, "gen"))
+        student = kd_student(model, ref_batch, scheme, kd_gen)
         kd = kd_loss(student, teacher, ref_batch, image_lo, args.kd_temperature,
                      args.official_kd_double_temperature, args.official_kd_all_positions)
     return ce + args.kd_lambda * kd, ce, kd
@@ -546,7 +558,8 @@ def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, sou
         return model, 0.0, path
     sw = common.Stopwatch()
     with sw:
-        pretrain(model, streams["pretrain"], args, image_lo, torch.Generator().manual_seed(args.seed + 1), loggers)
+        g = torch.Generator().manual_seed(args.seed + 1)  # kept (with the init seed): cached models stay valid
+        pretrain(model, streams["pretrain"], args, image_lo, g, loggers)
     os.makedirs(args.pretrain_cache_dir, exist_ok=True)
     torch.save(model.state_dict(), path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -564,7 +577,7 @@ def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, sc
     else:
         model, pretrain_s, cache = new_model(args, vocab, device), ckpt["timing"]["pretrain"], ckpt["pretrain_cache"]
     # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
-    torch.manual_seed(args.seed + 3)
+    torch.manual_seed(common.derive_seed(args.seed, "init/experts"))
     trainable = add_experts(model, args, scheme)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -579,13 +592,21 @@ def generation_probe(args: Args, np_streams, streams, vocab: int, image_lo: int,
     if args.data_dir is not None:
         return None
     ref, n = np_streams["reference_test"], min(args.gen_samples, len(np_streams["reference_test"]["tokens"]))
-    noise = torch.rand(n, 16, vocab - image_lo, generator=torch.Generator().manual_seed(args.seed + 2))
+    g = torch.Generator().manual_seed(common.derive_seed(args.seed, "eval/gumbel"))
+    noise = torch.rand(n, 16, vocab - image_lo, generator=g)
     return (streams["reference_test"]["tokens"][:n, :5], (ref["colour"][:n], ref["shape"][:n]),
             (-torch.log(-torch.log(noise.clamp_min(1e-20)))).to(device))
 
 
 # ----------------------------------------------------------------------------- continual training
-def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args, image_lo: int, gen, loggers,
+def generators(seed: int, gen: torch.Generator) -> Dict[str, torch.Generator]:
+    """Common random numbers: one generator per purpose, seeded from (seed, purpose), so every method draws the
+    same task batches whatever else it samples (KD batches and their dropout, gradient checks)."""
+    gens = {"batches": gen.manual_seed(common.derive_seed(seed, "batches"))}
+    return gens | {p: torch.Generator().manual_seed(common.derive_seed(seed, p)) for p in ("reference", "conflict")}
+
+
+def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args, image_lo: int, gens, loggers,
                conflicts: list) -> None:
     """METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task."""
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -593,9 +614,9 @@ def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args,
     for step in range(args.steps_per_task):
         for g in opt.param_groups:
             g["lr"] = args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
-        tb = sample_batch(streams[f"{task}_train"], args.batch_size, gen)
-        rb = sample_batch(streams["reference_train"], args.kd_batch_size, gen) if scheme["kd"] else None
-        loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo)
+        tb = sample_batch(streams[f"{task}_train"], args.batch_size, gens["batches"])
+        rb = sample_batch(streams["reference_train"], args.kd_batch_size, gens["reference"]) if scheme["kd"] else None
+        loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -605,9 +626,9 @@ def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args,
         if log or sums.device.type == "cpu":
             common.stop_if_diverged(dict(zip(("loss", "ce", "kd"), sums)), f"task {k + 1} ({task}) step {step + 1}")
         if args.conflict_every and (step + 1) % args.conflict_every == 0:
-            c = gradient_conflict(model, sample_batch(streams[f"{task}_train"], args.conflict_batch_size, gen),
-                                  sample_batch(streams["reference_train"], args.conflict_batch_size, gen),
-                                  scheme, image_lo)
+            n, cg = args.conflict_batch_size, gens["conflict"]
+            c = gradient_conflict(model, sample_batch(streams[f"{task}_train"], n, cg),
+                                  sample_batch(streams["reference_train"], n, cg), scheme, image_lo)
             conflicts.append({"task": task, "step": step + 1, **c})
         if log:
             dt = time.perf_counter() - t0
@@ -669,13 +690,16 @@ def print_results(rows, tasks, summary, timing) -> None:
 
 # ----------------------------------------------------------------------------- main
 def load_data(args: Args):
-    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); raises data.DataError."""
-    if args.data_dir is None:
-        streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
-        vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
-    else:
-        meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
-        tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); bad data: exit 2."""
+    try:
+        if args.data_dir is None:
+            streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
+            vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
+        else:
+            meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
+            tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+    except data.DataError as e:
+        common.die(str(e))
     common.require(args.num_tasks <= len(tasks), "num_tasks", f"must be in [0, {len(tasks)}] (got {args.num_tasks})")
     return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo
 
@@ -700,10 +724,7 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: setup
     validate(args)
     common.check_extras(args)
-    try:
-        np_streams, tasks, vocab, image_lo = load_data(args)
-    except data.DataError as e:
-        common.die(str(e))
+    np_streams, tasks, vocab, image_lo = load_data(args)
     gen = common.seed_everything(args.seed, args.torch_deterministic)
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
@@ -711,6 +732,8 @@ def main(args: Args) -> dict:
     name = common.run_name("mode", method, common.data_tag(args.data_dir), "tiny", args.seed)
     run_dir, ckpt = common.open_run(args, name, "mode")
     loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1))
+    print(f"run {name} -> {run_dir} (device: {device})")
+    gens = generators(args.seed, gen)
     t_start = time.perf_counter() - (ckpt["timing"]["total"] if ckpt else 0.0)
 
     streams = {k: to_tensors({f: v[f] for f in FIELDS}, device) for k, v in np_streams.items()}
@@ -726,12 +749,12 @@ def main(args: Args) -> dict:
     else:
         rows, conflicts, done = ckpt["rows"], ckpt["conflicts"], ckpt["done"]
         train_sw.total, eval_sw.total = ckpt["timing"]["train"], ckpt["timing"]["eval"]
-        common.restore_rng(ckpt["rng"], {"batches": gen})  # last: nothing after it may draw before training
+        common.restore_rng(ckpt["rng"], gens)  # last: nothing after it may draw before training
         print(f"resumed {run_dir} after task {done}/{T}")
     for k in range(done, T):
         task = tasks[k]
         with train_sw:
-            train_task(model, trainable, streams, k, task, scheme, args, image_lo, gen, loggers, conflicts)
+            train_task(model, trainable, streams, k, task, scheme, args, image_lo, gens, loggers, conflicts)
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}"))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
@@ -741,7 +764,7 @@ def main(args: Args) -> dict:
             torch.save({"model": model.state_dict(), "task": k + 1, "args": vars(args)},
                        os.path.join(run_dir, f"model_after_{task}.pt"))
         common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
-            "model": model.state_dict(), "rng": common.rng_state({"batches": gen}), "rows": rows,
+            "model": model.state_dict(), "rng": common.rng_state(gens), "rows": rows,
             "conflicts": conflicts, "base_sha1": base_sha1, "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results

@@ -458,3 +458,41 @@ def test_tyro_parses_methods_ablations_and_official_switches():
         with pytest.raises(SystemExit) as e:
             tyro.cli(mode.Args, args=bad, console_outputs=False)
         assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- paired seeds
+def test_task_batches_are_paired_across_methods(tmp_path, monkeypatch):
+    drawn, original = [], mode.sample_batch
+
+    def recording(stream, n, gen):
+        batch = original(stream, n, gen)
+        drawn.append((gen.initial_seed(), batch["tokens"]))
+        return batch
+
+    monkeypatch.setattr(mode, "sample_batch", recording)
+    purpose = {common.derive_seed(1, p): p for p in ("batches", "reference", "conflict")} | {2: "pretrain"}
+    seqs = {}
+    for method in ("mode", "seq-lora", "moe-lora"):
+        drawn.clear()
+        mode.main(mode.Args(**{**SMALL, "conflict_every": 1}, method=method, pretrain_cache_dir=str(tmp_path / "c"),
+                            out_dir=str(tmp_path / method)))
+        seqs[method] = [t for s, t in drawn if purpose[s] == "batches"]
+        used = {purpose[s] for s, _ in drawn} - {"pretrain"}
+        assert used == ({"batches", "reference", "conflict"} if method == "mode" else {"batches", "conflict"})
+    assert len(seqs["mode"]) == SMALL["steps_per_task"] * SMALL["num_tasks"]
+    for method in ("seq-lora", "moe-lora"):  # the KD batches and gradient checks draw from their own generators
+        assert all(torch.equal(a, b) for a, b in zip(seqs["mode"], seqs[method], strict=True))
+
+
+def test_kd_forward_leaves_the_task_dropout_stream_untouched():
+    _, S = streams()
+    tb, rb, states = S["gqa_train"], S["reference_train"], {}
+    for method, kd_gen in (("seq-lora", None), ("mode", torch.Generator().manual_seed(0)), ("mode", None)):
+        args = mode.Args(method=method)
+        model, scheme = tiny_model(), mode.scheme_of(args)
+        mode.add_experts(model, args, scheme)  # train mode: the experts' input dropout draws from the global RNG
+        torch.manual_seed(5)
+        mode.task_step_loss(model, tb, rb, scheme, args, data.MODE_IMAGE_LO, kd_gen)
+        states[method, kd_gen is None] = torch.get_rng_state()
+    assert torch.equal(states["mode", False], states["seq-lora", True])
+    assert not torch.equal(states["mode", True], states["seq-lora", True])  # an un-forked KD forward would draw
