@@ -47,7 +47,14 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
 Outputs (common.results_envelope): `tasks` = the stages; `matrices` = the stage pairs' retrieval
 (ret_avg, ret_r{1,5,10}_{fwd,bwd}; a --joint stage scores the mean over its pairs); `extra` holds per-row
 series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg),
-`diagnostics` and `train_steps`; `summary` is flat.
+`diagnostics`, `train_steps` and `pmr_old_share` (per epoch: share of pseudo positions on old teacher codes);
+`summary` is flat. Exit codes: 0 done, 1 diverged (a non-finite loss stops the run at the end of its epoch,
+naming stage, epoch and term; no results.json), 2 bad input or hyperparameter (nothing written).
+
+Seeds (paired across configurations): every module is initialised from its own seed
+common.derive_seed(seed, "init/<module>"); at the start of stage k the batch order, the CLUB negatives and
+CPC steps, the Fisher batches, dead-code resets, new codes and dropout restart from (seed, stream, k); the
+evaluation heads use fixed derived seeds. Within one seed, configurations share everything they have in common.
 
 Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices are the spec's [assumption]s):
   1. Sizes scaled for CPU (spec 5.2): D = 32, 1 transformer layer, Psi = Linear+ReLU to 16, linear decoders,
@@ -76,6 +83,7 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
      bit-identical across a --resume).
 """
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -96,6 +104,7 @@ LETTER = data.COMET_LETTERS
 MEDIATOR = "text"
 COMET_SWITCHES = ("pmr", "expand", "moe", "gate_loss", "ewc", "specific_layers")  # only with --comet
 ADAPTER_SWITCHES = ("gate_loss", "ewc", "specific_layers")  # only with --moe
+AUX_TERMS = ("club_nll", "pmr_old_share")  # logged per epoch beside the losses, not part of the loss
 
 
 @dataclass
@@ -247,6 +256,18 @@ def sq_dist(z, codes):
     return (z * z).sum(-1, keepdim=True) - 2 * z @ codes.t() + (codes * codes).sum(-1)
 
 
+@contextlib.contextmanager
+def init_rng(seed: Optional[int], name: str):
+    """Paired seeds: build a module from its own derived seed, whatever else the configuration builds
+    (seed None = the global RNG, for the unit tests)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(common.derive_seed(seed, f"init/{name}"))
+        yield
+
+
 def entropy(p):
     p = p / p.sum()
     return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
@@ -285,24 +306,27 @@ class Codebook(nn.Module):
         self.idle[n > 0] = 0
 
     @torch.no_grad()
-    def reset_dead(self, after: int, start: int = 0, noise: float = 1 / 128) -> int:
-        """Re-initialise codes idle for > `after` batches (only indices >= start) to an active code + noise."""
+    def reset_dead(self, after: int, start: int = 0, noise: float = 1 / 128, g=None) -> int:
+        """Re-initialise codes idle for > `after` batches (only indices >= start) to an active code + noise;
+        draws from the CPU generator g (None = global RNG)."""
         dead = self.idle > after
         dead[:start] = False
         active = torch.nonzero(self.idle < max(after // 3, 1)).flatten()
         if not dead.any() or len(active) == 0:
             return 0
-        src = active[torch.randint(len(active), (int(dead.sum()),))]
-        self.embed[dead] = self.embed[src] + torch.empty_like(self.embed[src]).uniform_(-noise, noise)
+        n, dev = int(dead.sum()), self.embed.device
+        src = active[torch.randint(len(active), (n,), generator=g).to(dev)]
+        shift = ((torch.rand(n, self.embed.shape[1], generator=g) * 2 - 1) * noise).to(dev)
+        self.embed[dead] = self.embed[src] + shift
         self.weight[dead] = self.embed[dead] * self.count[dead, None]
         self.idle[dead] = 0
         return int(dead.sum())
 
     @torch.no_grad()
-    def expand(self, k2: int):
-        """COMET: keep the old codes bit-identical and append k2 new ones."""
+    def expand(self, k2: int, g=None):
+        """COMET: keep the old codes bit-identical and append k2 new ones U(-1/K', 1/K') (CPU generator g)."""
         (K, D), dev = self.embed.shape, self.embed.device
-        new = torch.empty(k2, D, device=dev).uniform_(-1 / (K + k2), 1 / (K + k2))
+        new = ((torch.rand(k2, D, generator=g) * 2 - 1) / (K + k2)).to(dev)
         self.embed = torch.cat([self.embed, new])
         self.weight = torch.cat([self.weight, new])
         self.count = torch.cat([self.count, torch.ones(k2, device=dev)])
@@ -359,10 +383,12 @@ class CrossCPC(nn.Module):
     """Eq. (2) Cross-CPC: one LSTM + one step predictor per stream; every stream predicts every stream's
     next step with in-batch negatives (cross-modal weight 1, self weight `self_w`)."""
 
-    def __init__(self, streams: List[str], dim: int):
+    def __init__(self, streams: List[str], dim: int, seed: Optional[int] = None):
         super().__init__()
-        self.lstm = nn.ModuleDict({s: nn.LSTM(dim, dim, batch_first=True) for s in streams})
-        self.pred = nn.ModuleDict({s: nn.Linear(dim, dim) for s in streams})
+        self.lstm, self.pred = nn.ModuleDict(), nn.ModuleDict()
+        for s in streams:
+            with init_rng(seed, f"cpc/{s}"):
+                self.lstm[s], self.pred[s] = nn.LSTM(dim, dim, batch_first=True), nn.Linear(dim, dim)
 
     def forward(self, seqs: Dict[str, torch.Tensor], t: int, self_w: float, p_weight=None):
         B = next(iter(seqs.values())).shape[0]
@@ -381,14 +407,19 @@ class CrossCPC(nn.Module):
 class CMoEAdapter(nn.Module):
     """Eq. (4) MoE(x) = sum_j G_j(x) E_j(x), G = softmax(W_g x); E_j = common C_j + specific S_{j,m}."""
 
-    def __init__(self, mods: List[str], dim: int, num_experts: int, specific: bool):
+    def __init__(self, mods: List[str], dim: int, num_experts: int, specific: bool, seed: Optional[int] = None):
         super().__init__()
-        O, mods = num_experts, mods if specific else []
-        self.router = nn.Linear(dim, O)
-        self.common_w = nn.Parameter(0.01 * torch.randn(O, dim, dim))
+        O = num_experts
+        with init_rng(seed, "adapter/router"):
+            self.router = nn.Linear(dim, O)
+        with init_rng(seed, "adapter/common"):
+            self.common_w = nn.Parameter(0.01 * torch.randn(O, dim, dim))
         self.common_b = nn.Parameter(torch.zeros(O, dim))
-        self.spec_w = nn.ParameterDict({m: nn.Parameter(0.01 * torch.randn(O, dim, dim)) for m in mods})
-        self.spec_b = nn.ParameterDict({m: nn.Parameter(torch.zeros(O, dim)) for m in mods})
+        self.spec_w, self.spec_b = nn.ParameterDict(), nn.ParameterDict()
+        for m in mods if specific else []:
+            with init_rng(seed, f"adapter/spec/{m}"):
+                self.spec_w[m] = nn.Parameter(0.01 * torch.randn(O, dim, dim))
+            self.spec_b[m] = nn.Parameter(torch.zeros(O, dim))
 
     def forward(self, z, m: str):
         g = torch.softmax(self.router(z.mean(1)), -1)  # [B, O], one gate vector per sample
@@ -429,20 +460,23 @@ class CometModel(nn.Module):
 
     def __init__(self, args: Args, dims: Dict[str, int], use_moe: bool):
         super().__init__()
-        D = args.d_model
-
-        def phi(d):
-            layers = [nn.TransformerEncoderLayer(D, args.n_heads, args.d_ff, 0.1, batch_first=True)
-                      for _ in range(args.n_layers)]
-            return nn.Sequential(nn.Linear(d, D), *layers)
-
-        self.phi = nn.ModuleDict({m: phi(d) for m, d in dims.items()})
-        self.psi = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, args.d_spec), nn.ReLU()) for m, d in dims.items()})
-        self.dec = nn.ModuleDict({m: Decoder(D, args.d_spec, d) for m, d in dims.items()})
-        self.club = nn.ModuleDict({m: CLUB(D, args.d_spec, D) for m in dims})
-        self.cpc = CrossCPC(list(dims) + ["P"], D)
-        self.adapter = CMoEAdapter(list(dims), D, args.num_experts, args.specific_layers) if use_moe else None
-        self.codebook = Codebook(args.k1, D, args.ema_decay)
+        D, s = args.d_model, args.seed
+        self.phi, self.psi, self.dec, self.club = (nn.ModuleDict() for _ in range(4))
+        for m, d in dims.items():  # every module from its own seed: paired across configurations
+            with init_rng(s, f"phi/{m}"):
+                layers = [nn.TransformerEncoderLayer(D, args.n_heads, args.d_ff, 0.1, batch_first=True)
+                          for _ in range(args.n_layers)]
+                self.phi[m] = nn.Sequential(nn.Linear(d, D), *layers)
+            with init_rng(s, f"psi/{m}"):
+                self.psi[m] = nn.Sequential(nn.Linear(d, args.d_spec), nn.ReLU())
+            with init_rng(s, f"dec/{m}"):
+                self.dec[m] = Decoder(D, args.d_spec, d)
+            with init_rng(s, f"club/{m}"):
+                self.club[m] = CLUB(D, args.d_spec, D)
+        self.cpc = CrossCPC(list(dims) + ["P"], D, s)
+        self.adapter = CMoEAdapter(list(dims), D, args.num_experts, args.specific_layers, s) if use_moe else None
+        with init_rng(s, "codebook"):
+            self.codebook = Codebook(args.k1, D, args.ema_decay)
 
     def encode(self, m: str, x):
         z, g = self.phi[m](x), None
@@ -455,17 +489,20 @@ class CometModel(nn.Module):
 @torch.no_grad()
 def pseudo_modality(z_med, teacher, new_codes, new_weight: float):
     """PMR: nearest code of every mediator step in [frozen previous codebook ; current new codes];
-    returns the pseudo sequence P [B, T, D] and per-position weights (1 old code, exp(-gamma) new code)."""
+    returns the pseudo sequence P [B, T, D], per-position weights (1 old code, exp(-gamma) new code) and the
+    mask of positions on old (teacher) codes."""
     U = torch.cat([teacher, new_codes])
     j = sq_dist(z_med, U).argmin(-1)
-    w = torch.where(j < len(teacher), torch.ones_like(j, dtype=torch.float),
-                    torch.full_like(j, new_weight, dtype=torch.float))
-    return U[j], w
+    old = j < len(teacher)
+    w = torch.where(old, torch.ones_like(j, dtype=torch.float), torch.full_like(j, new_weight, dtype=torch.float))
+    return U[j], w, old
 
 
-def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, update: bool, club_opt=None):
-    """All DCID (+COMET) losses of one bimodal batch; `update` runs MM-EMA and the CLUB inner steps.
-    Returns (losses, CLUB fit loss of the last inner step, 0 without update)."""
+def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, update: bool, club_opt=None,
+                rng=None):
+    """All DCID (+COMET) losses of one bimodal batch; `update` runs MM-EMA and the CLUB inner steps; the CLUB
+    negatives and the CPC step come from the CPU generator rng (None = global RNG). Returns (losses, aux): aux =
+    CLUB fit loss of the last inner step (0 without update) and the share of pseudo positions on old codes."""
     cb, (c, b) = model.codebook, list(x)
     z, g, idx, e = {}, {}, {}, {}
     for m in (c, b):
@@ -487,18 +524,19 @@ def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, 
             club_nll = -sum(model.club[m].loglik(q[m].detach(), y[m].detach()) for m in (c, b))
             club_nll.backward()
             club_opt.step()
-    perm = torch.randperm(len(x[c]))
+    perm = torch.randperm(len(x[c]), generator=rng).to(z[c].device)
     L["mi"] = sum(model.club[m].mi_est(q[m], y[m], perm) for m in (c, b))
     L["recon"] = sum(F.mse_loss(model.dec[m](q[m], y[m]), x[m]) for m in (c, b))
-    seqs, p_weight = {c: z[c], b: z[b]}, None
+    seqs, p_weight, aux = {c: z[c], b: z[b]}, None, {"club_nll": club_nll.detach()}
     if pmr is not None:  # METHOD LOGIC: pseudo-modality stream from the frozen previous codebook
         teacher, k_prev = pmr
-        seqs["P"], p_weight = pseudo_modality(z[MEDIATOR], teacher, cb.embed[k_prev:], args.pmr_new_weight)
-    t = int(torch.randint(1, x[c].shape[1] - 1, ()))
+        seqs["P"], p_weight, old = pseudo_modality(z[MEDIATOR], teacher, cb.embed[k_prev:], args.pmr_new_weight)
+        aux["pmr_old_share"] = old.float().mean()
+    t = int(torch.randint(1, x[c].shape[1] - 1, (), generator=rng))
     L["cpc"] = model.cpc(seqs, t, args.cpc_self_weight, p_weight)
     if model.adapter is not None and args.gate_loss:
         L["gate"] = args.gate_weight * sum(gate_balance_loss(g[m]) for m in (c, b))
-    return L, club_nll.detach()
+    return L, aux
 
 
 def ewc_named(model: CometModel) -> Dict[str, torch.Tensor]:
@@ -506,13 +544,13 @@ def ewc_named(model: CometModel) -> Dict[str, torch.Tensor]:
     return dict(model.adapter.named_parameters()) if model.adapter is not None else {}
 
 
-def compute_fisher(model: CometModel, args: Args, batches, pmr) -> Dict[str, torch.Tensor]:
+def compute_fisher(model: CometModel, args: Args, batches, pmr, rng=None) -> Dict[str, torch.Tensor]:
     """Empirical Fisher: mean squared gradient of (commit + cmcm + cpc), normalised to mean 1 (nonzero entries)."""
     named = ewc_named(model)
     fisher = {n: torch.zeros_like(p) for n, p in named.items()}
     model.eval()
     for x in batches:
-        L, _ = pair_losses(model, args, x, pmr, update=False)
+        L, _ = pair_losses(model, args, x, pmr, update=False, rng=rng)
         grads = torch.autograd.grad(L["commit"] + L["cmcm"] + L["cpc"], list(named.values()), allow_unused=True)
         for n, gr in zip(named, grads):
             if gr is not None:
@@ -581,7 +619,7 @@ def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = 
     out = {"cls": {}, "loc": {}}
     for k, (src, tgt) in enumerate((("video", "audio"), ("audio", "video"))):
         at = f"{where}, {src} classifier"
-        head = train_head(q["train", src], ytr, n_cls, False, args, args.seed * 100 + k, at)
+        head = train_head(q["train", src], ytr, n_cls, False, args, common.derive_seed(args.seed, f"head/cls/{k}"), at)
         with torch.no_grad():
             for m in (tgt, src):
                 logits = head[1](head[0](q["test", m]).amax(1))
@@ -590,7 +628,8 @@ def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = 
             at = f"{where}, {src} localiser"
             onehot = [F.one_hot(torch.from_numpy(dd[f"va_{s}"]["step_label"]) + 1, n_cls + 1).float().to(dev)
                       for s in ("train", "test")]
-            head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, args.seed * 100 + 10 + k, at)
+            seed = common.derive_seed(args.seed, f"head/loc/{k}")
+            head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, seed, at)
             with torch.no_grad():
                 out["loc"][f"{src[0].upper()}->{tgt[0].upper()}"] = f1_score(head(q["test", tgt]), onehot[1], at)
     return out
@@ -777,64 +816,77 @@ def modality_dims(dd: Dict[str, dict]) -> Dict[str, int]:
     return {m: dims[m] for m in ("video", "audio", "text", "image") if m in dims}
 
 
-def begin_stage(model: CometModel, args: Args, k: int):
+def reseed(args: Args, gens: Dict[str, torch.Generator], k: int) -> None:
+    """Paired seeds: at the start of stage k every stream restarts from (seed, stream, k), and so does dropout
+    (the global RNG), so a switch that acts from stage 2 on leaves stage 1 and every later draw unchanged."""
+    for name, g in gens.items():
+        g.manual_seed(common.derive_seed(args.seed, f"{name}/{k}"))
+    torch.manual_seed(common.derive_seed(args.seed, f"dropout/{k}"))
+
+
+def begin_stage(model: CometModel, args: Args, k: int, g=None):
     """METHOD LOGIC: from stage 2 on, freeze the codebook as the PMR teacher and append k2 new codes.
     Returns (pmr = (teacher, K_prev) or None, first code index the dead-code reset may touch)."""
     if k == 0 or not args.comet:
         return None, 0
     teacher = model.codebook.embed.clone()
     if args.expand:
-        model.codebook.expand(args.k2)
+        model.codebook.expand(args.k2, g)
     return ((teacher, len(teacher)) if args.pmr else None), (len(teacher) if args.expand else 0)
 
 
-def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run: dict, club_opt, gen, loggers,
-                k: int, name: str) -> int:
-    """args.epochs epochs of Adam on every non-CLUB parameter (fresh per stage); returns the number of steps."""
+def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run: dict, club_opt, gens, loggers,
+                k: int, name: str):
+    """args.epochs epochs of Adam on every non-CLUB parameter (fresh per stage); returns (number of steps,
+    per-epoch share of pseudo positions on old codes or None)."""
     n_min = min(len(next(iter(t.values()))) for t in train.values())
     bs = min(args.batch_size, n_min)
     steps = n_min // bs
     params = [p for n, p in model.named_parameters() if not n.startswith("club.")]  # codes are buffers
-    opt = torch.optim.Adam(params, lr=args.lr)
+    opt, shares = torch.optim.Adam(params, lr=args.lr), []
     for epoch in range(args.epochs):
-        perms = {p: torch.randperm(n_min, generator=gen) for p in train}
+        perms = {p: torch.randperm(n_min, generator=gens["shuffle"]) for p in train}
         sums, t0 = {}, time.perf_counter()
         for i in range(steps):
             opt.zero_grad()
             for p in train:  # one pair per stage; all pairs (gradients summed) with --joint
                 batch = {m: v[perms[p][i * bs : (i + 1) * bs]] for m, v in train[p].items()}
-                L, club_nll = pair_losses(model, args, batch, pmr, update=True, club_opt=club_opt)
+                L, aux = pair_losses(model, args, batch, pmr, update=True, club_opt=club_opt, rng=gens["step"])
                 if run["fisher"] and args.ewc:  # METHOD LOGIC: EWC on the adapter
                     L["ewc"] = ewc_penalty(ewc_named(model), run["fisher"], run["star"], args.ewc_lambda)
                 sum(L.values()).backward()  # Sec. 3.4: L = recon + commit + cpc + cmcm + MI + gate (+ EWC)
-                for n, v in {**L, "club_nll": club_nll}.items():  # device-side sums: one sync per epoch
+                for n, v in {**L, **aux}.items():  # device-side sums: one sync per epoch
                     sums[n] = sums.get(n, 0.0) + v.detach() / steps
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
-            model.codebook.reset_dead(args.reset_after, start=reset_from)
-        end_epoch(model, args, sums, loggers, k, name, epoch, time.perf_counter() - t0, steps * len(train) * bs)
-    return steps * args.epochs
+            model.codebook.reset_dead(args.reset_after, start=reset_from, g=gens["reset"])
+        vals = end_epoch(model, args, sums, loggers, k, name, epoch, time.perf_counter() - t0, steps * len(train) * bs)
+        shares.append(vals.get("pmr_old_share"))
+    return steps * args.epochs, (shares if pmr is not None else None)
 
 
 def end_epoch(model: CometModel, args: Args, sums: dict, loggers, k: int, name: str, epoch: int, dt: float,
-              n_pairs: int) -> None:
-    """Divergence check (exit 1), the epoch's loss line and its scalars."""
+              n_pairs: int) -> Dict[str, float]:
+    """Divergence check (exit 1), the epoch's loss line and its scalars; returns the epoch means."""
     vals = {n: float(v) for n, v in sums.items()}
     common.stop_if_diverged(vals, f"stage {k + 1} ({name}) epoch {epoch + 1}")
     parts = " ".join(f"{n} {v:.3f}" for n, v in vals.items())
-    total = sum(v for n, v in vals.items() if n != "club_nll")
+    total = sum(v for n, v in vals.items() if n not in AUX_TERMS)
     print(f"[{name}] epoch {epoch + 1}/{args.epochs} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
           f"{dt:.1f}s {n_pairs / max(dt, 1e-9):.0f} pairs/s")
-    common.log_scalars(loggers, {f"losses/{n}": v for n, v in vals.items()}, k * args.epochs + epoch + 1)
+    scalars = {(f"train/{n}" if n in AUX_TERMS else f"losses/{n}"): v for n, v in vals.items()}
+    common.log_scalars(loggers, scalars, k * args.epochs + epoch + 1)
+    return vals
 
 
-def update_fisher(model: CometModel, args: Args, train_pair: Dict[str, torch.Tensor], run: dict, gen, pmr) -> None:
-    """METHOD LOGIC: after the stage, accumulate the Fisher on this stage's data (it is gone afterwards)."""
+def update_fisher(model: CometModel, args: Args, train_pair: Dict[str, torch.Tensor], run: dict, g, pmr) -> None:
+    """METHOD LOGIC: after the stage, accumulate the Fisher on this stage's data (it is gone afterwards);
+    batches and their draws come from the 'fisher' generator g."""
     n_min = len(next(iter(train_pair.values())))
     bs = min(args.batch_size, n_min)
-    idx = torch.randperm(n_min, generator=gen)
+    idx = torch.randperm(n_min, generator=g)
     batches = [{m: v[idx[(i * bs) % n_min :][:bs]] for m, v in train_pair.items()} for i in range(args.fisher_batches)]
-    new = compute_fisher(model, args, batches, pmr)
+    new = compute_fisher(model, args, batches, pmr, g)
     run["fisher"] = {n: run["fisher"].get(n, 0) + f for n, f in new.items()}
     run["star"] = {n: p.detach().clone() for n, p in ewc_named(model).items()}
 
@@ -882,22 +934,27 @@ def main(args: Args) -> dict:
     model = CometModel(args, modality_dims(dd), args.comet and args.moe).to(device)
     club_opt = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters, method {method}")
-    run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "time": {"train": 0.0, "eval": 0.0, "total": 0.0}}
+    gens = {"shuffle": gen, **{s: torch.Generator() for s in ("step", "fisher", "reset", "expand")}}  # CPU streams
+    run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "pmr_old_share": [None],
+           "time": {"train": 0.0, "eval": 0.0, "total": 0.0}}
     if ckpt:  # --resume: everything as a fresh run builds it, then the stored state, RNGs last
-        name, run = ckpt["run_name"], load_state(ckpt, model, club_opt, {"gen": gen}, device)
+        name, run = ckpt["run_name"], load_state(ckpt, model, club_opt, gens, device)
     else:
         run["evals"].append(evaluate(model, args, dd, "row 0 (init)"))
         common.log_scalars(loggers, row_scalars(run["evals"][0]), 0)
     total0 = run["time"]["total"]
 
     for k in range(ckpt["done"] if ckpt else 0, T):
-        pmr, reset_from = begin_stage(model, args, k)
+        reseed(args, gens, k)
+        pmr, reset_from = begin_stage(model, args, k, gens["expand"])
         train = {p: {LETTER[c]: torch.from_numpy(dd[f"{p.lower()}_train"][LETTER[c]]).to(device) for c in p}
                  for p in stages[k]}
         t1 = time.perf_counter()
-        run["steps"].append(train_stage(model, args, train, pmr, reset_from, run, club_opt, gen, loggers, k, names[k]))
+        steps, shares = train_stage(model, args, train, pmr, reset_from, run, club_opt, gens, loggers, k, names[k])
+        run["steps"].append(steps)
+        run["pmr_old_share"].append(shares)
         if args.comet and args.moe and args.ewc and k < T - 1:
-            update_fisher(model, args, train[stages[k][0]], run, gen, pmr)
+            update_fisher(model, args, train[stages[k][0]], run, gens["fisher"], pmr)
         t2 = time.perf_counter()
         run["evals"].append(evaluate(model, args, dd, f"row {k + 1} (after {names[k]})"))
         run["time"]["train"] += t2 - t1
@@ -906,10 +963,10 @@ def main(args: Args) -> dict:
         print(f"--- after stage {k + 1} ({names[k]}), codes {model.codebook.embed.shape[0]}:")
         print(stage_table(run["evals"], ["init"] + [f"after {n}" for n in names]))
         common.log_scalars(loggers, row_scalars(run["evals"][-1]), (k + 1) * args.epochs)
-        save_state(run_dir, args, k + 1, T, model, club_opt, run, name, {"gen": gen}, names[k])
+        save_state(run_dir, args, k + 1, T, model, club_opt, run, name, gens, names[k])
 
     M, extra, summary, series = build_results(run["evals"], stages)
-    extra["train_steps"] = run["steps"]
+    extra["train_steps"], extra["pmr_old_share"] = run["steps"], run["pmr_old_share"]
     run["time"]["total"] = total0 + time.perf_counter() - t0
     res = common.results_envelope(script="comet", method=method, variant=variant, data=common.data_tag(args.data_dir),
                                   backbone=None, seed=args.seed, run_name=name, args=args, device=device, tasks=names,

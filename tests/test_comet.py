@@ -103,7 +103,8 @@ def test_adapter_equals_explicit_mixture_of_experts():
     z = torch.randn(2, 5, 4)
     out, g = ad(z, "video")
     assert torch.allclose(g.sum(-1), torch.ones(2))
-    expert = [z @ (ad.common_w[j] + ad.spec_w["video"][j]).t() + ad.common_b[j] + ad.spec_b["video"][j] for j in range(3)]
+    expert = [z @ (ad.common_w[j] + ad.spec_w["video"][j]).t() + ad.common_b[j] + ad.spec_b["video"][j]
+              for j in range(3)]
     ref = z + sum(g[:, j, None, None] * expert[j] for j in range(3))
     assert torch.allclose(out, ref, atol=1e-6)
     out_t, _ = ad(z, "text")
@@ -149,10 +150,10 @@ def test_pmr_pseudo_sequence_from_frozen_codebook_masks_new_codes():
     teacher = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
     new = torch.tensor([[0.0, 10.0]])
     z_med = torch.tensor([[[1.0, 0.0], [9.0, 1.0], [0.0, 9.0]]])
-    P, w = comet.pseudo_modality(z_med, teacher, new, 0.0)
+    P, w, old = comet.pseudo_modality(z_med, teacher, new, 0.0)
     assert torch.equal(P[0], torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
-    assert w.tolist() == [[1.0, 1.0, 0.0]]
-    _, w1 = comet.pseudo_modality(z_med, teacher, new, math.exp(-1))
+    assert w.tolist() == [[1.0, 1.0, 0.0]] and old.tolist() == [[True, True, False]]
+    _, w1, _ = comet.pseudo_modality(z_med, teacher, new, math.exp(-1))
     assert w1[0, 2].item() == pytest.approx(math.exp(-1))
 
 
@@ -209,7 +210,8 @@ def test_builtin_benchmark_structure_and_determinism():
 def write_npz(folder, dd):
     os.makedirs(folder, exist_ok=True)
     for name, arrs in dd.items():
-        np.savez(os.path.join(folder, name + ".npz"), **{k: v for k, v in arrs.items() if k != "label" or name.startswith("va")})
+        np.savez(os.path.join(folder, name + ".npz"),
+                 **{k: v for k, v in arrs.items() if k != "label" or name.startswith("va")})
 
 
 def test_npz_roundtrip_gives_identical_results(tmp_path):
@@ -222,7 +224,8 @@ def test_npz_roundtrip_gives_identical_results(tmp_path):
     assert r1["matrices"] == r2["matrices"]
 
 
-@pytest.mark.parametrize("problem", ["missing_file", "bad_shape", "nan", "bad_label", "dim_mismatch", "missing_label", "bad_dir"])
+@pytest.mark.parametrize("problem", ["missing_file", "bad_shape", "nan", "bad_label", "dim_mismatch", "missing_label",
+                                     "bad_dir"])
 def test_bad_input_rejected_exit_2_no_results(tmp_path, problem, capsys):
     dd = data.comet_benchmark(0, 40, 2, 8, 10)
     folder = tmp_path / "feats"
@@ -296,7 +299,8 @@ def test_metric_helpers_refuse_non_finite(tmp_path, bad):
     with pytest.raises(ValueError, match="video embeddings"):
         comet.quantize_all(small_model(tiny_args(tmp_path)), "video", x, "row 0")
     with pytest.raises(SystemExit) as e:  # a head whose loss goes non-finite stops the run
-        comet.train_head(torch.full((4, 3, 5), bad), torch.zeros(4, dtype=torch.long), 2, False, tiny_args(tmp_path), 0)
+        comet.train_head(torch.full((4, 3, 5), bad), torch.zeros(4, dtype=torch.long), 2, False, tiny_args(tmp_path),
+                         0)
     assert e.value.code == 1
 
 
@@ -309,8 +313,9 @@ def test_diverging_run_exits_1_and_writes_no_results(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- validation, names, CLI
-BAD_ARGS = [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"club_lr": 0.0}, "club-lr"),
-            ({"cls_lr": 0.0}, "cls-lr"), ({"max_grad_norm": 0.0}, "max-grad-norm"), ({"n_heads": 3}, "n-heads"),
+BAD_ARGS = [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
+            ({"club_lr": 0.0}, "club-lr"), ({"cls_lr": 0.0}, "cls-lr"), ({"max_grad_norm": 0.0}, "max-grad-norm"),
+            ({"n_heads": 3}, "n-heads"),
             ({"n_layers": 0}, "n-layers"), ({"d_ff": 0}, "d-ff"), ({"d_spec": 0}, "d-spec"), ({"k2": -1}, "k2"),
             ({"reset_after": 0}, "reset-after"), ({"fisher_batches": 0}, "fisher-batches"),
             ({"cls_steps": 0}, "cls-steps"), ({"ema_decay": 1.5}, "ema-decay"), ({"ema_decay": 0.0}, "ema-decay"),
@@ -372,7 +377,8 @@ def strict_json(path):
 ENVELOPE = {"schema", "script", "method", "variant", "data", "backbone", "seed", "run_name", "args", "env", "tasks",
             "rows", "matrices", "extra", "summary", "timing_s"}
 FLAGS = [({}, "comet"), ({"pmr": False}, "comet+no-pmr"), ({"expand": False}, "comet+no-expand"),
-         ({"moe": False}, "comet+no-moe"), ({"gate_loss": False}, "comet+no-gate-loss"), ({"ewc": False}, "comet+no-ewc"),
+         ({"moe": False}, "comet+no-moe"), ({"gate_loss": False}, "comet+no-gate-loss"),
+         ({"ewc": False}, "comet+no-ewc"),
          ({"specific_layers": False}, "comet+no-specific-layers"), ({"comet": False}, "dcid")]
 
 
@@ -380,9 +386,10 @@ FLAGS = [({}, "comet"), ({"pmr": False}, "comet+no-pmr"), ({"expand": False}, "c
 def test_every_ablation_runs_three_stages(tmp_path, flags, method):
     res = comet.main(tiny_args(tmp_path, **flags))
     assert set(res) == ENVELOPE and res["schema"] == 1 and res["script"] == "comet" and res["method"] == method
-    assert res["tasks"] == ["VT", "AT", "IT"] and res["rows"] == ["init", "VT", "AT", "IT"] and res["data"] == "builtin"
-    assert res["variant"] == "batch_size=32,cls_steps=15,epochs=1,fisher_batches=2,n_pairs=96,n_per_class=8,n_test=24," \
-                             "reset_after=2"
+    assert res["tasks"] == ["VT", "AT", "IT"] and res["rows"] == ["init", "VT", "AT", "IT"]
+    assert res["data"] == "builtin" and res["backbone"] is None and res["seed"] == 1
+    assert res["variant"] == ("batch_size=32,cls_steps=15,epochs=1,fisher_batches=2,n_pairs=96,n_per_class=8,"
+                              "n_test=24,reset_after=2")
     assert sorted(res["matrices"]) == sorted(f"ret_{k}" for k in comet.RET_KEYS)
     assert all(len(R) == 4 and all(len(r) == 3 and None not in r for r in R) for R in res["matrices"].values())
     s = res["summary"]
@@ -396,12 +403,53 @@ def test_every_ablation_runs_three_stages(tmp_path, flags, method):
     grows = flags.get("comet", True) and flags.get("expand", True)
     assert ex["diagnostics"]["n_codes"] == ([32, 32, 48, 64] if grows else [32] * 4)
     assert (ex["diagnostics"]["gate_entropy"][-1] is None) == ("moe" in flags or "comet" in flags)
+    replays = flags.get("comet", True) and flags.get("pmr", True)
+    assert ex["pmr_old_share"][:2] == [None, None]  # per epoch, from stage 2 on, when the P stream exists
+    assert all(0 <= v <= 1 for v in ex["pmr_old_share"][2] + ex["pmr_old_share"][3]) if replays else \
+        ex["pmr_old_share"] == [None] * 4
     run = tmp_path / "run"
     assert strict_json(run / "results.json")["summary"] == s and not (run / "checkpoint.pt").exists()
     csv = (run / "metrics.csv").read_text().splitlines()
     assert csv[0] == "script,method,variant,seed,row,after,entry,metric,value"
     assert sum(",VA,ret_avg," in ln for ln in csv) == 4 and sum(",VT,ret_avg," in ln for ln in csv) == 4
     assert any(",A->V,cls_acc," in ln for ln in csv) and any(",all,n_codes," in ln for ln in csv)
+
+
+INIT_SHARED = ("phi.", "psi.", "dec.", "club.", "cpc.", "codebook.")
+
+
+def test_init_shared_across_flags(tmp_path):
+    dims = {m: data.COMET_DIMS[m] for m in ("video", "audio", "text", "image")}
+    models = {}
+    for name, kw in (("full", {}), ("no-moe", {"moe": False}), ("dcid", {"comet": False}),
+                     ("no-sl", {"specific_layers": False}), ("seed2", {"seed": 2})):
+        args = tiny_args(tmp_path, **kw)
+        models[name] = comet.CometModel(args, dims, args.comet and args.moe).state_dict()
+    full = models["full"]
+    for name in ("no-moe", "dcid", "no-sl"):
+        assert all(torch.equal(full[k], v) for k, v in models[name].items() if k.startswith(INIT_SHARED))
+    assert all(torch.equal(full[k], models["no-sl"][k]) for k in ("adapter.router.weight", "adapter.common_w"))
+    assert not torch.equal(full["codebook.embed"], models["seed2"]["codebook.embed"])
+
+
+def test_stage1_bit_identical_when_flag_acts_later(tmp_path):
+    res, states = {}, {}
+    for name, kw in (("full", {}), ("no-ewc", {"ewc": False}), ("no-pmr", {"pmr": False}),
+                     ("ewc0", {"ewc_lambda": 0.0})):
+        res[name] = comet.main(tiny_args(tmp_path, name, save_model=True, **kw))
+        states[name] = torch.load(tmp_path / name / "model_after_VT.pt")["model"]
+    for name in ("no-ewc", "no-pmr"):
+        assert all(torch.equal(states["full"][k], v) for k, v in states[name].items())
+        for metric, R in res[name]["matrices"].items():
+            assert R[:2] == res["full"]["matrices"][metric][:2]
+        ppl = [r["extra"]["diagnostics"]["perplexity"][2:] for r in (res[name], res["full"])]
+        assert ppl[0] != ppl[1]  # the switch acts from stage 2 on
+        assert res[name]["extra"]["downstream"]["va_avg"][:2] == res["full"]["extra"]["downstream"]["va_avg"][:2]
+    # the Fisher pass draws from its own stream: --no-ewc equals lambda 0 through stage 2 (later, clipping's norm
+    # reduction sees extra zero gradients and may round differently)
+    a, b = res["no-ewc"], res["ewc0"]
+    assert a["matrices"]["ret_avg"][:3] == b["matrices"]["ret_avg"][:3]
+    assert a["extra"]["downstream"]["va_avg"][:3] == b["extra"]["downstream"]["va_avg"][:3]
 
 
 def test_same_seed_identical_other_seed_differs(tmp_path):
@@ -414,7 +462,7 @@ def test_same_seed_identical_other_seed_differs(tmp_path):
 
 def test_order_and_joint(tmp_path):
     r = comet.main(tiny_args(tmp_path, "order", order=["AT", "VT", "IT"]))
-    assert r["tasks"] == ["AT", "VT", "IT"] and r["variant"].startswith("batch_size=32") and "order=AT VT IT" in r["variant"]
+    assert r["tasks"] == ["AT", "VT", "IT"] and "order=AT VT IT" in r["variant"]
     # VT was trained at stage 2: forgetting = ret VT after stage 2 - after stage 3
     vt = [row[1] for row in r["matrices"]["ret_avg"]]
     assert r["summary"]["vt_forgetting"] == pytest.approx(vt[2] - vt[3])
@@ -446,7 +494,8 @@ def test_plot_and_tensorboard(tmp_path):
     assert (run / "acc_matrix.png").stat().st_size > 0 and (run / "acc_curves.png").stat().st_size > 0
     ev = EventAccumulator(str(run / "tb")).Reload()
     tags = ev.Tags()["scalars"]
-    assert {"losses/commit", "losses/club_nll", "losses/ewc", "charts/va_avg", "charts/ret_VA"} <= set(tags)
+    assert {"losses/commit", "losses/ewc", "train/club_nll", "train/pmr_old_share", "charts/va_avg",
+            "charts/ret_VA"} <= set(tags)
     assert [e.step for e in ev.Scalars("charts/va_avg")] == [0, 1, 2]  # one point per row
     assert len(ev.Scalars("losses/cpc")) == 2  # one per epoch
 
