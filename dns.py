@@ -333,7 +333,8 @@ def project_gradient_factored(g: torch.Tensor, delta: torch.Tensor, x: torch.Ten
     return g - coef * left @ right_mul(x, p_in)
 
 
-# ----------------------------------------------------------------------------- baselines (paper Table: GEM, DER, DER++, EWC, Co2L, C-FLAT, CILA)
+# ----------------------------------------------------------------------------- baselines
+# The paper's comparison table: GEM, DER, DER++, EWC, Co2L, C-FLAT, CILA (README: defaults, sources, deviations).
 @dataclass
 class CLState:
     """Baseline state between steps. Buffer entries are (step, row) indices into the held train features."""
@@ -786,7 +787,7 @@ def assemble_results(args, names, mats, times, model, state, st, steps, datasets
     extra = {"steps": [list(s) for s in steps], "stored_bytes": detail,
              "method_log": {k: v for k, v in st.log.items() if any(x not in (None, 0) for x in v)},
              "effective": {"lambda_in": lambda_in(args), "der_alpha": der_alpha(args)}}
-    timing = {**times, "total": float(sum(times["train"]) + sum(times["eval"]))}
+    timing = {**times, "total": float(sum(times["train"]) + sum(times["eval"]) + sum(times["checkpoint"]))}
     return common.results_envelope(
         script="dns", method=method_tag(args), variant=common.tag(args, VARIANT_FIELDS, Args()),
         data=common.data_tag(args.data_dir), backbone=args.backbone, seed=args.seed, run_name=name, args=args,
@@ -842,39 +843,46 @@ def main(args: Args) -> dict:
     T = len(steps)
     keys = ["acc"] + [k + s for k in ("r1", "r5", "r10") for s in ("", "_ab", "_ba")]
     mats = {k: [[None] * T for _ in range(T + 1)] for k in keys}
-    times = {"train": [], "method": [], "eval": []}
+    times = {"train": [], "method": [], "projectors": [], "statistics": [], "eval": [], "checkpoint": []}
     state, st = DNSState({}, {}), new_cl_state(args.buffer_size if args.method in REPLAY else 0, embed_dim, device)
     start = restore(ckpt, model, state, st, mats, times, gens, steps, datasets) if ckpt else 0
     if start == 0:  # row 0: the frozen backbone (identity projections)
         fill_row(mats, 0, evaluate(model, steps, datasets, args, "init"))
     for t in range(start, T):
         ds, a, b = steps[t]
-        t0, method_sw = time.perf_counter(), common.Stopwatch()
+        t0, sw = time.perf_counter(), {k: common.Stopwatch() for k in ("method", "projectors", "statistics")}
+        method_sw = sw["method"]  # every method's overhead; DNS's split into projectors and statistics
         train = datasets[ds]["train"]["feats"]
         xa, xb = train[a], train[b]
-        with method_sw:  # METHOD LOGIC: projectors rebuilt at the start of the step, fixed during it (spec 3.4)
+        with method_sw, sw["projectors"]:  # METHOD LOGIC: projectors rebuilt at the start of the step (spec 3.4)
             proj = {m: build_projectors(state, m, lambda_in(args), args.lambda_out, args.official_one_sided)
                     for m in (a, b)} if args.method == "dns" else {}
+        with method_sw:
             start_step(st, model, t, a, b, train, args)
         where = f"step {t + 1}/{T} ({names[t]})"
         mean_terms = train_step(model, t, a, b, xa, xb, proj, st, args, gens, method_sw, where)
-        with method_sw:  # METHOD LOGIC: the step's statistics with the trained weights (spec 3.3); baselines' state
+        with method_sw, sw["statistics"]:  # METHOD LOGIC: the step's statistics with the trained weights (spec 3.3)
             if args.method == "dns":
                 ca, cb = official_cov_pair(train, a, b) if args.official_cov_bug else (a, b)
                 update_covariance(state, train[ca], train[cb], model[a].weight.detach(), model[b].weight.detach(), a, b)
+        with method_sw:
             end_step(st, model, t, a, b, xa, xb, args, mean_terms, gens["replay"])
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
         fill_row(mats, t + 1, evaluate(model, steps, datasets, args, names[t]))
-        times["train"].append(t_train)
-        times["method"].append(method_sw.total)
         times["eval"].append(time.perf_counter() - t1)
+        times["train"].append(t_train)
+        for k, v in sw.items():
+            times[k].append(v.total)
         print(f"step {t + 1:2d}/{T} {names[t]:<24} loss {mean_terms['contrastive']:8.4f}  "
               f"{args.epochs * len(xa) / t_train:8.0f} samples/s  train {t_train:6.2f}s (method {method_sw.total:.2f}s)"
               f"  eval {times['eval'][-1]:.2f}s", flush=True)
         common.log_scalars(loggers, {**{f"losses/{k}": v for k, v in mean_terms.items()}, **row_means(mats, t + 1)},
                            (t + 1) * args.epochs)
-        common.save_checkpoint(run_dir, "dns", args, t + 1, T, checkpoint_state(model, state, st, mats, times, gens))
+        with common.Stopwatch() as ck:
+            common.save_checkpoint(run_dir, "dns", args, t + 1, T,
+                                   checkpoint_state(model, state, st, mats, times, gens))
+        times["checkpoint"].append(ck.total)
         if args.save_model:
             torch.save(model.state_dict(), os.path.join(run_dir, f"model_after_{t + 1}.pt"))
 
