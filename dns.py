@@ -16,12 +16,20 @@ null-space approximation); P_out keeps the numerical span of the old partner fea
 (W_B x_B)^T dW_A x_A = 0, so the first-order change of every old score vanishes; only the O(eta^2) cross
 term (and AdamW's per-coordinate rescaling, weight decay and the unprojected bias) remain.
 
+Baselines (the paper's table; one section below, defaults from each method's reference code, untuned here):
+vanilla (sequential fine-tuning), GEM (QP projection against episodic-memory gradients), DER / DER++ (reservoir
+replay with stored outputs; + replayed contrastive term), EWC (Fisher penalty), Co2L (asymmetric contrastive +
+instance-wise relation distillation), C-FLAT (flatness-aware update around vanilla), CILA (Co2L with an adaptive
+distillation weight). Every method trains only the step's two linears with the same loop, data and batch order.
+
 Usage:
     python dns.py --backbone languagebind                  # 11 steps on the built-in synthetic benchmark
-    python dns.py --backbone imagebind --method vanilla    # same loop, no projection
-    python dns.py --data-dir feats/ --steps ucf101:text-video esc50:text-audio
+    python dns.py --backbone imagebind --method ewc        # vanilla dns gem der derpp ewc co2l cflat cila
+    python dns.py --data-dir features_storage/ --backbone imagebind   # the official CMCL .h5 cache, read as it is
+    python dns.py --data-dir my_feats/ --steps digits:image-caption digits:audio-caption   # .npz, any modality names
     python dns.py --official-one-sided --official-cov-bug  # the official code's behaviour (spec 3.4, 8.1)
-    python dns.py --bench-scale 1.0                        # paper-sized synthetic data (timing)
+    python dns.py --resume runs/dns__dns__builtin__imagebind__1__1764420000   # continue a killed run
+    python common.py table runs/ --metrics acc bwt_acc r1 r5 r10 bwt_r10 --paired-with vanilla
 
 Metrics. R[k][j] = score on step j's test split after step k (k = 0 is the untrained backbone, entry j is
 trained at step j+1, T = #steps). Acc entries: datasets with labels whose pair contains text (zero-shot,
@@ -32,7 +40,8 @@ subsets of <= 1000 test pairs; ties count in expectation under random tie-breaki
     BWT_A   = mean_{j in Acc, j < T-1} (R_acc[T][j] - R_acc[j+1][j])
     R@K     = mean_{j in Recall} R_K[T][j]
     BWT_R10 = mean_{j in Recall, j < T-1} (R_10[T][j] - R_10[j+1][j])
-All in percent; task-weighted (each entry counts once).
+All in percent; task-weighted (each entry counts once). stored_bytes = memory kept between steps (replay buffers
+counted as float32 copies of the stored features, DER's outputs, EWC's Fisher and anchors, DNS's float64 moments).
 
 Equation markers name the equations (Eq. (DNS), Eq. (InfoNCE), ...): the paper text available here is a
 summary without equation numbers. Where the official code and the paper differ, flags expose the code.
