@@ -47,6 +47,9 @@ are the same formulas on R_open):
                 gen_drop_max = the largest 100 * (gen_match[0] - gen_match[k]) over k >= 1
     grad_cos    mean over checks of cos(grad L_task, grad L_gen) on all trainable adapter parameters; the
                 text-side / image-side cosines and <g_t, g_v> are logged too (spec section 3)
+    forgetting_share_{image,text}_path  where the forgetting flows: after the last task the experts as applied at
+                image (text) tokens are restored to their state right after task j and task j is rescored;
+                share = sum_j (restored_j - R[T][j]) / sum_j (R[j+1][j] - R[T][j]), j < T-1 (None if nothing lost)
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
 Every row is scored under two routings without retraining: E1 = the true token modality (the paper's design,
 the headline: acc*, bwt*, forgetting*) and E2 = every token to the text experts, as the official evaluation
@@ -80,6 +83,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
 
@@ -260,12 +264,13 @@ class ExpertLinear(nn.Module):
     """A base linear W plus optional modality-routed low-rank experts (spec section 4).
 
     route[b, s] = 0 sends the token to the text side (T-MoE, or one LoRA when it has 1 expert),
-    1 to the image side (V-Adapter; no delta when absent); route=None bypasses all experts (teacher)."""
+    1 to the image side (V-Adapter; no delta when absent); route=None bypasses all experts (teacher).
+    restore = (expert tensors of a snapshot, bool [B, S]) gives the selected tokens the snapshot's delta."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.base = nn.Linear(d_in, d_out, bias=False)
-        self.n_text, self.image_side = 0, False
+        self.n_text, self.image_side, self.restore = 0, False, None
 
     def add_experts(self, r: int, alpha: float, dropout: float, n_text: int, image_side: bool):
         d_in, d_out = self.base.in_features, self.base.out_features
@@ -279,21 +284,30 @@ class ExpertLinear(nn.Module):
             self.A_v = nn.Parameter(torch.empty(d_in, r).uniform_(-bound, bound))
             self.B_v = nn.Parameter(torch.zeros(r, d_out))
 
+    def experts(self) -> Dict[str, Optional[torch.Tensor]]:
+        return {"A_t": self.A_t, "B_t": self.B_t, "router": None if self.router is None else self.router.weight,
+                "A_v": self.A_v if self.image_side else None, "B_v": self.B_v if self.image_side else None}
+
+    def delta(self, x: torch.Tensor, h: torch.Tensor, route: torch.Tensor, p: dict) -> torch.Tensor:
+        # Eq. (T-MoE): y = W h + s * sum_j softmax(W_g h)_j B_j A_j h   (dense soft mixture, fp32 router)
+        z = torch.einsum("bsi,eir->bser", h, p["A_t"])
+        if p["router"] is not None:
+            z = z * torch.softmax(F.linear(x, p["router"]).float(), -1).to(z.dtype).unsqueeze(-1)
+        delta = torch.einsum("bser,ero->bso", z, p["B_t"])
+        if self.image_side:
+            # Eq. (V-Adapter): y = W h + s * B_v A_v h for image tokens; hard routing by token modality
+            return torch.where(route.unsqueeze(-1) == 1, h @ p["A_v"] @ p["B_v"], delta)
+        return torch.where(route.unsqueeze(-1) == 1, torch.zeros_like(delta), delta)
+
     def forward(self, x: torch.Tensor, route: Optional[torch.Tensor]) -> torch.Tensor:
         y = self.base(x)
         if route is None or self.n_text == 0:
             return y
         h = self.drop(x)
-        # Eq. (T-MoE): y = W h + s * sum_j softmax(W_g h)_j B_j A_j h   (dense soft mixture, fp32 router)
-        z = torch.einsum("bsi,eir->bser", h, self.A_t)
-        if self.router is not None:
-            z = z * torch.softmax(self.router(x).float(), -1).to(z.dtype).unsqueeze(-1)
-        delta = torch.einsum("bser,ero->bso", z, self.B_t)
-        if self.image_side:
-            # Eq. (V-Adapter): y = W h + s * B_v A_v h for image tokens; hard routing by token modality
-            delta = torch.where(route.unsqueeze(-1) == 1, h @ self.A_v @ self.B_v, delta)
-        else:
-            delta = torch.where(route.unsqueeze(-1) == 1, torch.zeros_like(delta), delta)
+        delta = self.delta(x, h, route, self.experts())
+        if self.restore is not None:  # path attribution only
+            snapshot, sel = self.restore
+            delta = torch.where(sel.unsqueeze(-1), self.delta(x, h, route, snapshot), delta)
         return y + self.scale * delta
 
 
@@ -460,15 +474,39 @@ def answer_vocab(stream: Dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
     return allowed
 
 
+def expert_snapshot(model: UnifiedLM) -> List[dict]:
+    """A copy of every layer's expert tensors (path attribution restores them per token)."""
+    return [{k: None if v is None else v.detach().clone() for k, v in layer.experts().items()}
+            for layer in model.expert_layers()]
+
+
+@contextmanager
+def restoring(model: UnifiedLM, restore, modality: torch.Tensor):
+    """restore = (snapshot, path): tokens of modality `path` (1 image, 0 text, None all) use the snapshot's experts."""
+    layers = model.expert_layers() if restore is not None else []
+    if restore is not None:
+        snapshot, path = restore
+        sel = torch.ones_like(modality, dtype=torch.bool) if path is None else modality == path
+        for layer, p in zip(layers, snapshot):
+            layer.restore = (p, sel)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.restore = None
+
+
 @torch.no_grad()
-def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, where=""):
+def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, where="", restore=None):
     """(closed-set, open) percent of sequences whose every target token is the argmax over the target's
     modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not.
-    official=True routes every token to the text experts (E2). Non-finite logits raise ValueError."""
+    official=True routes every token to the text experts (E2); restore: see `restoring`. Non-finite logits raise
+    ValueError."""
     closed, open_ = [], []
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
-        raw = model(b["tokens"], route_for(b, scheme, "eval", official))[:, :-1]
+        with restoring(model, restore, b["modality"]):
+            raw = model(b["tokens"], route_for(b, scheme, "eval", official))[:, :-1]
         common.require_finite(raw, "vqa accuracy logits", where)
         targets, mask = b["tokens"][:, 1:], b["loss_mask"][:, 1:].bool()
         logits = restrict_logits(raw, targets, image_lo)
@@ -516,6 +554,25 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
     row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
     return row
+
+
+def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
+    """Where the forgetting flows (E1, closed-set): after the last task, the experts as applied at image (or text)
+    tokens are restored to their state right after task j, and task j is scored; 'both' restores every token."""
+    model.eval()
+    old = range(len(tasks) - 1)
+    out = {"lost": [R[j + 1][j] - R[-1][j] for j in old]}
+    for name, path in (("image", 1), ("text", 0), ("both", None)):
+        out[f"restored_{name}"] = [vqa_accuracy(model, streams[f"{tasks[j]}_test"], scheme, image_lo, False,
+                                                answers[tasks[j]], restore=(snapshots[j], path))[0] for j in old]
+    model.train()
+    return out
+
+
+def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
+    """Sum_j (restored_j - R[T][j]) / Sum_j (R[j+1][j] - R[T][j]) over j < T-1; None when nothing was lost."""
+    lost = sum(attr["lost"])
+    return None if lost <= 0 else sum(r - R[-1][j] for j, r in enumerate(attr[f"restored_{path}"])) / lost
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -659,8 +716,8 @@ def _mean_or_none(conflicts: list, key: str) -> Optional[float]:
     return float(np.mean(vals)) if vals else None
 
 
-def summarize(rows: List[dict], conflicts: list) -> Dict[str, Optional[float]]:
-    """Flat summary: CL metrics of the four matrices, generation drop, gradient conflict means."""
+def summarize(rows: List[dict], conflicts: list, attr: dict) -> Dict[str, Optional[float]]:
+    """Flat summary: CL metrics of the four matrices, generation drop, path shares, gradient conflict means."""
     s = {}
     for suffix, _ in ROUTINGS:
         for kind in ("", "_open"):
@@ -672,6 +729,8 @@ def summarize(rows: List[dict], conflicts: list) -> Dict[str, Optional[float]]:
     drops = None if gm[0] is None else [100.0 * (gm[0] - v) for v in gm[1:]]
     s |= {"gen_drop": drops[-1] if drops else None, "gen_drop_max": max(drops) if drops else None,
           "gen_nll_increase": gn[-1] - gn[0], "gen_match_pre": gm[0], "gen_match_final": gm[-1]}
+    R = [r["acc"] for r in rows]
+    s |= {f"forgetting_share_{p}_path": forgetting_share(attr, R, p) for p in ("image", "text")}
     names = {"grad_cos": "cos", "grad_cos_text_side": "cos_text_side", "grad_cos_image_side": "cos_image_side",
              "grad_dot": "dot", "gen_grad_norm": "gen_grad_norm", "gen_grad_norm_text_side": "gen_grad_norm_text_side"}
     return s | {k: _mean_or_none(conflicts, v) for k, v in names.items()}
@@ -744,10 +803,13 @@ def main(args: Args) -> dict:
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
-        rows, conflicts, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, "row 0")], [], 0
+        rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
+                                                     "row 0")], [], [], 0
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
         rows, conflicts, done = ckpt["rows"], ckpt["conflicts"], ckpt["done"]
+        snapshots = [[{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in snap]
+                     for snap in ckpt["snapshots"]]
         train_sw.total, eval_sw.total = ckpt["timing"]["train"], ckpt["timing"]["eval"]
         common.restore_rng(ckpt["rng"], gens)  # last: nothing after it may draw before training
         print(f"resumed {run_dir} after task {done}/{T}")
@@ -755,6 +817,7 @@ def main(args: Args) -> dict:
         task = tasks[k]
         with train_sw:
             train_task(model, trainable, streams, k, task, scheme, args, image_lo, gens, loggers, conflicts)
+        snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}"))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
@@ -765,15 +828,19 @@ def main(args: Args) -> dict:
                        os.path.join(run_dir, f"model_after_{task}.pt"))
         common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
             "model": model.state_dict(), "rng": common.rng_state(gens), "rows": rows,
-            "conflicts": conflicts, "base_sha1": base_sha1, "pretrain_cache": cache, "timing": timing})
+            "conflicts": conflicts, "snapshots": snapshots, "base_sha1": base_sha1, "pretrain_cache": cache,
+            "timing": timing})
 
     # ------------------------------------------------------------------------- results
-    summary = summarize(rows, conflicts)
+    with eval_sw:
+        attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows])
+    summary = summarize(rows, conflicts, attr)
     timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
               "total": time.perf_counter() - t_start}
     print_results(rows, tasks, summary, timing)
     gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
-    extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "scheme": scheme,
+    extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "path_attribution": attr,
+             "scheme": scheme,
              "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
              "base_weights_unchanged": base_hashes(model) == base_sha1}
     res = common.results_envelope(

@@ -107,6 +107,29 @@ def test_base_weights_bit_identical_after_training_and_experts_move():
 
 
 # ----------------------------------------------------------------------------- losses
+def test_path_restore_swaps_the_experts_at_one_token_modality():
+    _, S = streams()
+    b = S["gqa_test"]
+    for method, has_image_path in (("mode", True), ("seq-lora", True), ("tmoe-only", False)):
+        args = mode.Args(method=method)
+        model, scheme = tiny_model(), mode.scheme_of(args)
+        mode.add_experts(model, args, scheme)
+        model.eval()
+        perturb_experts(model)
+        route = mode.route_for(b, scheme, "task")
+        before, snap = model(b["tokens"], route), mode.expert_snapshot(model)
+        with mode.restoring(model, (snap, None), b["modality"]):  # a snapshot equal to the final state: no change
+            assert torch.equal(model(b["tokens"], route), before)
+        perturb_experts(model)
+        after, out = model(b["tokens"], route), {}
+        for path in (None, 1, 0):
+            with mode.restoring(model, (snap, path), b["modality"]):
+                out[path] = model(b["tokens"], route)
+        assert torch.equal(out[None], before) and torch.equal(model(b["tokens"], route), after)  # cleared after
+        assert (not torch.equal(out[1], after)) == has_image_path  # tmoe-only leaves image tokens un-adapted
+        assert not torch.equal(out[0], after)
+
+
 def test_kd_is_zero_when_student_equals_teacher_and_positive_otherwise():
     _, S = streams()
     b = S["reference_test"]
@@ -242,6 +265,19 @@ def test_end_to_end_inter_modal_forgetting(e2e):
     assert s["seq"]["forgetting_open"] > s["seq"]["forgetting"]
     R = out["seq"]["matrices"]["acc"]
     assert max(R[j + 1][j] for j in range(len(R[0]))) > 50  # tasks are learnt at all
+
+
+def test_path_attribution_restoring_both_paths_gives_the_just_trained_accuracy(e2e):
+    _, _, out = e2e
+    for res in out.values():
+        R, attr = res["matrices"]["acc"], res["extra"]["path_attribution"]
+        assert attr["restored_both"] == [R[j + 1][j] for j in range(len(R[0]) - 1)]
+        assert attr["lost"] == [R[j + 1][j] - R[-1][j] for j in range(len(R[0]) - 1)]
+        s = res["summary"]
+        assert s["forgetting_share_text_path"] == pytest.approx(
+            sum(r - R[-1][j] for j, r in enumerate(attr["restored_text"])) / sum(attr["lost"]))
+    s = out["seq"]["summary"]
+    assert s["forgetting_share_text_path"] > s["forgetting_share_image_path"]  # notes 4.3: mostly the text path
 
 
 def test_both_routings_scored_every_row(e2e):
