@@ -2,6 +2,7 @@
 end-to-end runs with every ablation flag, the results envelope, determinism, validation, divergence, metric
 guards, plots / TensorBoard, CLI parsing, resume, and one subprocess smoke run killed and resumed."""
 
+import importlib.util
 import json
 import math
 import os
@@ -334,6 +335,15 @@ def test_bad_hyperparameters_exit_2_before_writing(tmp_path, capsys, overrides, 
         comet.main(tiny_args(tmp_path, **overrides))
     assert e.value.code == 2
     assert f"error: --{flag}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_track_without_wandb_exits_2_before_writing(tmp_path, capsys):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(SystemExit) as e:
+        comet.main(tiny_args(tmp_path, track=True))
+    assert e.value.code == 2 and "pip install wandb" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
