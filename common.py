@@ -39,7 +39,7 @@ Matrix = List[List[Optional[float]]]
 SCHEMA = 1
 # Fields that may differ between a run and its --resume (outputs, threads, logging): anything else must match.
 RESUME_FREE = {"resume", "out_dir", "num_threads", "track", "wandb_project_name", "wandb_entity", "tensorboard",
-               "plot", "save_model"}
+               "plot", "save_model", "log_every"}
 EXTRAS = (("track", "wandb"), ("tensorboard", "tensorboard"), ("plot", "matplotlib"))
 
 
@@ -165,7 +165,8 @@ def open_run(args, name: str, script: str) -> Tuple[str, Optional[dict]]:
     if args.resume:
         return args.resume, _check_resume(args, script)
     run_dir = args.out_dir or os.path.join("runs", name)
-    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+    unfinished = not os.path.isfile(os.path.join(run_dir, "results.json"))
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and unfinished:
         die(f"--out-dir: {run_dir} holds an unfinished run (checkpoint.pt); continue it with --resume {run_dir}")
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "args.json"), vars(args))
@@ -513,7 +514,17 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
           only: Optional[str] = None, per_seed: bool = False, digits: int = 2, out: Optional[str] = None) -> str:
     """Markdown table over every results.json under DIRS: one row per (script, method, variant, data, backbone),
     cells mean ± std over seeds (n = seed count); --paired-with METHOD[:VARIANT] adds the per-seed differences
-    against that configuration (same script, data and backbone; seeds matched by value) as mean ± s.e. (k/n)."""
+    against that configuration (same script, data and backbone; seeds matched by value) as mean ± s.e. (k/n).
+
+    Args:
+        dirs: folders searched recursively for results.json
+        metrics: summary keys (and time_<k> for timing_s[k]) to show; default: every summary key
+        paired_with: reference configuration METHOD or METHOD:VARIANT for paired differences
+        only: keep only configurations whose script/method/variant/data/backbone contains this text
+        per_seed: append the per-seed values to each cell
+        digits: decimals
+        out: also write the table to this file
+    """
     if not dirs:
         die("table: give at least one folder of runs")
     groups = group_runs(load_results(dirs))
@@ -554,33 +565,6 @@ def _paired_lines(groups, keys, shown, metrics, paired_with: str, digits: int) -
     if len(lines) == 2:
         die(f"table: --paired-with {paired_with}: no configuration with that method/variant to pair against")
     return lines
-
-
-# ----------------------------------------------------------------------------- legacy (removed once all scripts use open_run)
-def make_run_dir(args, run_name: str) -> str:
-    run_dir = args.out_dir or os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "args.json"), {k: v for k, v in vars(args).items()})
-    return run_dir
-
-
-def write_metrics_csv(path: str, matrices: Dict[str, Matrix], entry_names: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "after_step", "entry", "metric", "value"])
-        for metric, R in matrices.items():
-            for k, row in enumerate(R):
-                for j, v in enumerate(row):
-                    if v is not None:
-                        w.writerow([k, "init" if k == 0 else entry_names[k - 1], entry_names[j], metric, f"{v:.6f}"])
-
-
-def maybe_tracker(args, run_name: str):
-    if not args.track:
-        return None
-    import wandb  # optional dependency
-
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args))
 
 
 if __name__ == "__main__":

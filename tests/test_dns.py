@@ -346,13 +346,16 @@ def test_resume_refuses_other_args_and_dirs_without_checkpoint(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         dns.main(dns.Args(out_dir=str(run), resume=str(run), **{**kw, "epochs": 2}, lr=1e-3))
     assert e.value.code == 2 and "epochs (2 != 1), lr (0.001 != 0.0001)" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # a new run must not overwrite an unfinished one
-        dns.main(dns.Args(out_dir=str(run), **kw))
-    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    ckpt = (run / "checkpoint.pt").read_bytes()
     os.remove(run / "checkpoint.pt")
     with pytest.raises(SystemExit) as e:
         dns.main(dns.Args(out_dir=str(run), resume=str(run), num_threads=2, **kw))  # threads may differ
     assert e.value.code == 2 and "the run is complete" in capsys.readouterr().err
+    os.remove(run / "results.json")
+    (run / "checkpoint.pt").write_bytes(ckpt)
+    with pytest.raises(SystemExit) as e:  # a new run must not overwrite an unfinished one
+        dns.main(dns.Args(out_dir=str(run), **kw))
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
     # on the command line, the stored args are the defaults: only retyped flags can differ
     stored = common.resume_defaults(dns.Args, ["--resume", str(run), "--num-threads", "2"])
     assert stored.epochs == 1 and stored.steps == kw["steps"]
