@@ -22,10 +22,12 @@ Usage:
     python comet.py --order AT VT IT                 # the paper's second order
     python comet.py --no-pmr                         # Table 6 ablations: --no-pmr, --no-moe, --no-gate-loss, ...
     python comet.py --no-pmr --no-expand             # "w/o PM (paper scope)": fixed codebook, no replay
+    python comet.py --pmr-assign union               # PMR variants: --pmr-assign union|teacher, --pmr-mediator frozen
     python comet.py --no-comet                       # continual DCID (fixed codebook, no adapter, no replay)
     python comet.py --no-comet --k1 64               # same-capacity DCID control (COMET ends with 32+16+16 codes)
     python comet.py --joint --no-comet               # non-continual oracle: all pairs in one stage
     python comet.py --data-dir feats/                # real features {vt,at,it,va}_{train,test}.npz, ia_test.npz
+                                                     # (each stage trains >= --min-steps-per-stage 300 steps)
     python comet.py --resume runs/RUN                # continue a killed run from its last completed stage
 
 Metrics (after every stage; row 0 = untrained model). Percent unless noted.
@@ -47,9 +49,11 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
 Outputs (common.results_envelope): `tasks` = the stages; `matrices` = the stage pairs' retrieval
 (ret_avg, ret_r{1,5,10}_{fwd,bwd}; a --joint stage scores the mean over its pairs); `extra` holds per-row
 series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg),
-`diagnostics`, `train_steps` and `pmr_old_share` (per epoch: share of pseudo positions on old teacher codes);
-`summary` is flat. Exit codes: 0 done, 1 diverged (a non-finite loss stops the run at the end of its epoch,
-naming stage, epoch and term; no results.json), 2 bad input or hyperparameter (nothing written).
+`diagnostics`, `train_steps`, and per stage from stage 2 on: `pmr_old_share` and `pmr_cpc_share` (per epoch:
+share of pseudo positions on old teacher codes; share of the Cross-CPC loss from the terms with P) and `pmr_tau`
+(the threshold rule's tau_k); `summary` is flat. Exit codes: 0 done, 1 diverged (a non-finite loss stops the run
+at the end of its epoch, naming stage, epoch and term; no results.json), 2 bad input or hyperparameter (nothing
+written).
 
 Seeds (paired across configurations): every module is initialised from its own seed
 common.derive_seed(seed, "init/<module>"); at the start of stage k the batch order, the CLUB negatives and
@@ -58,7 +62,9 @@ evaluation heads use fixed derived seeds. Within one seed, configurations share 
 
 Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices are the spec's [assumption]s):
   1. Sizes scaled for CPU (spec 5.2): D = 32, 1 transformer layer, Psi = Linear+ReLU to 16, linear decoders,
-     K1 = 32, K2 = 16, batch 64, Adam 1e-3, clip 1.0, float32; every size is a flag. Inputs are
+     K1 = 32, K2 = 16, batch 64, Adam 1e-3, clip 1.0, float32; every size is a flag. With --data-dir a stage
+     trains max(--epochs, ceil(--min-steps-per-stage / steps per epoch)) epochs so that a few hundred pairs are
+     not left at chance; the built-in benchmark always trains --epochs. Inputs are
      pre-extracted [N, T, d] sequences; video has no 7x7 spatial map and text no BERT/BiLSTM front end.
   2. MM-EMA (Eq. 3) as the paper writes it: one joint update with a parameter-free cross-attention partner
      r^b = softmax(z^a z^bT / sqrt D) z^b; `--official-aligned-partner` is the released code's same-index
@@ -70,9 +76,16 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
   5. EWC: empirical Fisher = mean squared gradient of (commit + cmcm + cpc) over `fisher_batches` batches at
      the end of each stage, normalised to mean 1 over its nonzero entries, accumulated over stages; it
      protects the router too; lambda = 10 (not given in the paper).
-  6. PMR: P_t = nearest code over [frozen previous codebook ; current new codes] to the mediator's feature
-     (no distance threshold); P gets its own CPC stream (6 cross terms at 1.0, 3 self at 0.1); weight
-     exp(-gamma) per sample on every term involving P, read at the predicted step t+1.
+  6. PMR: P_t = the teacher code (frozen previous codebook) nearest to the mediator's feature if its squared
+     distance is <= tau_k, else the nearest new code ("if a code matching the semantics ... can be found in V1";
+     the paper gives no rule). tau_k = the --pmr-quantile 0.95 quantile of stage k-1's own quantisation distances
+     (every step of stage k-1's training captions to its nearest end-of-stage code, eval mode), fixed at the start
+     of stage k, chosen before any V<->A result (decisions C3, comet_next D3): only this rule asks whether V1 holds
+     a match without letting the live new codes decide. --pmr-assign union (nearest over [teacher ; new codes],
+     the previous default) and teacher (always the nearest teacher code) are the alternatives. The mediator
+     feature is the live one (the paper's "current B-modal sequence"); --pmr-mediator frozen uses a copy of
+     Phi_text + adapter from the end of stage k-1. P gets its own CPC stream (6 cross terms at 1.0, 3 self at
+     0.1); weight exp(-gamma) per sample on every term involving P, read at the predicted step t+1.
   7. --no-pmr keeps the expanding codebook and restricted reset (only the pseudo-modality stream is removed);
      --no-expand keeps one codebook of k1 codes (replay from its frozen copy); --no-moe removes the adapter
      and with it gate, EWC and specific layers (as in Table 6), so those switches are refused beside it.
@@ -84,10 +97,12 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
 """
 
 import contextlib
+import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,7 +119,8 @@ LETTER = data.COMET_LETTERS
 MEDIATOR = "text"
 COMET_SWITCHES = ("pmr", "expand", "moe", "gate_loss", "ewc", "specific_layers")  # only with --comet
 ADAPTER_SWITCHES = ("gate_loss", "ewc", "specific_layers")  # only with --moe
-AUX_TERMS = ("club_nll", "pmr_old_share")  # logged per epoch beside the losses, not part of the loss
+PMR_LOGS = ("pmr_old_share", "pmr_cpc_share")  # per epoch, from stage 2 on, when the P stream exists
+AUX_TERMS = ("club_nll",) + PMR_LOGS  # logged per epoch beside the losses, not part of the loss
 
 
 @dataclass
@@ -184,6 +200,8 @@ class Args:
     """MM-EMA partner as in the CMG code (same-index vector) instead of the paper's cross-attention"""
     epochs: int = 10
     """epochs per task (COMET stage)"""
+    min_steps_per_stage: int = 300
+    """--data-dir only: a stage trains max(epochs, ceil(this / steps per epoch)) epochs (0 = off; built-in: unused)"""
     batch_size: int = 64
     """pairs per batch (in-batch negatives for CPC and CMCM)"""
     lr: float = 1e-3
@@ -226,6 +244,12 @@ class Args:
     """batches for the empirical Fisher at the end of a stage"""
     pmr_new_weight: float = 0.0
     """PMR weight exp(-gamma) of positions that fall on new codes (0 = gamma inf = masked; 0.368 = gamma 1)"""
+    pmr_assign: Literal["threshold", "teacher", "union"] = "threshold"
+    """PMR code: teacher code if within tau_k else nearest new code | always teacher | nearest of [teacher; new]"""
+    pmr_quantile: float = 0.95
+    """threshold rule: tau_k = this quantile of stage k-1's mediator-to-nearest-code squared distances, in (0, 1]"""
+    pmr_mediator: Literal["live", "frozen"] = "live"
+    """PMR mediator features: the live Phi_text (+adapter) or its frozen copy from the end of the previous stage"""
     cls_steps: int = 200
     """full-batch Adam steps of each downstream head"""
     cls_lr: float = 5e-3
@@ -239,10 +263,10 @@ INFRA_FIELDS = ("exp_name", "seed", "torch_deterministic", "cuda", "track", "wan
 METHOD_FIELDS = ("comet",) + COMET_SWITCHES + ("joint", "official_aligned_partner")
 # results' `variant`: every other non-default algorithm/benchmark field (data_dir is the envelope's `data`)
 VARIANT_FIELDS = ("order", "n_pairs", "n_per_class", "n_test", "seq_len", "sty", "noise", "shared", "dom", "epochs",
-                  "batch_size", "lr", "max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "d_spec", "k1",
-                  "k2", "beta", "ema_decay", "reset_after", "club_steps", "club_lr", "cpc_self_weight",
-                  "num_experts", "gate_weight", "ewc_lambda", "fisher_batches", "pmr_new_weight", "cls_steps",
-                  "cls_lr", "use_threshold")
+                  "min_steps_per_stage", "batch_size", "lr", "max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff",
+                  "d_spec", "k1", "k2", "beta", "ema_decay", "reset_after", "club_steps", "club_lr", "cpc_self_weight",
+                  "num_experts", "gate_weight", "ewc_lambda", "fisher_batches", "pmr_new_weight", "pmr_assign",
+                  "pmr_quantile", "pmr_mediator", "cls_steps", "cls_lr", "use_threshold")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -391,17 +415,21 @@ class CrossCPC(nn.Module):
                 self.lstm[s], self.pred[s] = nn.LSTM(dim, dim, batch_first=True), nn.Linear(dim, dim)
 
     def forward(self, seqs: Dict[str, torch.Tensor], t: int, self_w: float, p_weight=None):
+        """Returns (loss, the part of it from the terms that involve the pseudo stream P)."""
         B = next(iter(seqs.values())).shape[0]
         preds = {a: self.pred[a](self.lstm[a](z[:, : t + 1])[0][:, -1]) for a, z in seqs.items()}
-        loss = 0.0
+        loss, loss_p = 0.0, 0.0
         for a in seqs:
             for b in seqs:
                 logp = torch.log_softmax(seqs[b][:, t + 1] @ preds[a].t(), 1).diagonal()  # rows = targets
                 w = torch.full((B,), 1.0 if a != b else self_w, device=preds[a].device)
                 if "P" in (a, b) and p_weight is not None:
                     w = w * p_weight[:, t + 1]  # PMR: new-code positions get exp(-gamma)
-                loss = loss - (w * logp).sum() / B
-        return loss
+                term = (w * logp).sum() / B
+                loss = loss - term
+                if "P" in (a, b):
+                    loss_p = loss_p - term
+        return loss, loss_p
 
 
 class CMoEAdapter(nn.Module):
@@ -486,23 +514,72 @@ class CometModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- COMET continual pieces
+class FrozenMediator:
+    """--pmr-mediator frozen: eval-mode, gradient-free copy of Phi_text and the adapter at the end of stage k-1.
+    A plain object, not a submodule, so neither Adam, EWC, the checkpoint nor model.train() sees it."""
+
+    def __init__(self, model: CometModel):
+        self.phi = copy.deepcopy(model.phi[MEDIATOR]).eval().requires_grad_(False)
+        self.adapter = None if model.adapter is None else copy.deepcopy(model.adapter).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, x):
+        z = self.phi(x)
+        return z if self.adapter is None else self.adapter(z, MEDIATOR)[0]
+
+
+class Replay(NamedTuple):
+    """PMR state of one stage k >= 2, fixed at its start from the end-of-stage-(k-1) model."""
+
+    teacher: torch.Tensor
+    """frozen copy of the previous codebook (K_prev codes)"""
+    k_prev: int
+    """index of the first new code in the live codebook"""
+    tau: Optional[float] = None
+    """threshold rule: the matching radius tau_k (squared L2)"""
+    frozen: Optional[FrozenMediator] = None
+    """--pmr-mediator frozen: the frozen mediator encoder"""
+
+
 @torch.no_grad()
-def pseudo_modality(z_med, teacher, new_codes, new_weight: float):
-    """PMR: nearest code of every mediator step in [frozen previous codebook ; current new codes];
-    returns the pseudo sequence P [B, T, D], per-position weights (1 old code, exp(-gamma) new code) and the
-    mask of positions on old (teacher) codes."""
-    U = torch.cat([teacher, new_codes])
-    j = sq_dist(z_med, U).argmin(-1)
-    old = j < len(teacher)
-    w = torch.where(old, torch.ones_like(j, dtype=torch.float), torch.full_like(j, new_weight, dtype=torch.float))
-    return U[j], w, old
+def calibrate_tau(model: CometModel, text: np.ndarray, q: float, bs: int = 512) -> float:
+    """METHOD LOGIC: tau_k = q-quantile, over all steps of stage k-1's training captions, of the squared L2 distance
+    of the mediator's feature (eval mode) to its nearest code in the end-of-stage codebook."""
+    model.eval()
+    dev, d = model.codebook.embed.device, []
+    for i in range(0, len(text), bs):
+        z, _ = model.encode(MEDIATOR, torch.from_numpy(text[i : i + bs]).to(dev))
+        d.append(sq_dist(z, model.codebook.embed).min(-1).values.flatten())
+    model.train()
+    return float(np.quantile(torch.cat(d).double().cpu().numpy(), q))
+
+
+@torch.no_grad()
+def pseudo_modality(z_med, teacher, new_codes, new_weight: float, assign: str = "union", tau: Optional[float] = None):
+    """PMR: one code per mediator step (Sec. 3.3). union: nearest in [teacher ; new codes]; teacher: nearest teacher
+    code; threshold: nearest teacher code if its squared distance <= tau, else nearest new code (without new codes:
+    the teacher code at weight 0). Returns P [B, T, D], per-position weights (1 on teacher codes, exp(-gamma)
+    otherwise) and the mask of positions on teacher codes."""
+    if assign == "union":  # today's rule: the new codes compete with the teacher
+        U = torch.cat([teacher, new_codes])
+        j = sq_dist(z_med, U).argmin(-1)
+        P, old = U[j], j < len(teacher)
+    else:
+        d_t, j_t = sq_dist(z_med, teacher).min(-1)
+        P, old = teacher[j_t], (torch.ones_like(j_t, dtype=torch.bool) if assign == "teacher" else d_t <= tau)
+        if len(new_codes):
+            P = torch.where(old[..., None], P, new_codes[sq_dist(z_med, new_codes).argmin(-1)])
+    w_off = new_weight if len(new_codes) else 0.0
+    w = torch.where(old, torch.ones_like(old, dtype=torch.float), torch.full_like(old, w_off, dtype=torch.float))
+    return P, w, old
 
 
 def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, update: bool, club_opt=None,
                 rng=None):
     """All DCID (+COMET) losses of one bimodal batch; `update` runs MM-EMA and the CLUB inner steps; the CLUB
-    negatives and the CPC step come from the CPU generator rng (None = global RNG). Returns (losses, aux): aux =
-    CLUB fit loss of the last inner step (0 without update) and the share of pseudo positions on old codes."""
+    negatives and the CPC step come from the CPU generator rng (None = global RNG); pmr is a Replay or None. Returns
+    (losses, aux): aux = CLUB fit loss of the last inner step (0 without update) and, with PMR, the share of pseudo
+    positions on old (teacher) codes and the share of the CPC loss from the P terms."""
     cb, (c, b) = model.codebook, list(x)
     z, g, idx, e = {}, {}, {}, {}
     for m in (c, b):
@@ -529,11 +606,14 @@ def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, 
     L["recon"] = sum(F.mse_loss(model.dec[m](q[m], y[m]), x[m]) for m in (c, b))
     seqs, p_weight, aux = {c: z[c], b: z[b]}, None, {"club_nll": club_nll.detach()}
     if pmr is not None:  # METHOD LOGIC: pseudo-modality stream from the frozen previous codebook
-        teacher, k_prev = pmr
-        seqs["P"], p_weight, old = pseudo_modality(z[MEDIATOR], teacher, cb.embed[k_prev:], args.pmr_new_weight)
+        z_med = z[MEDIATOR] if pmr.frozen is None else pmr.frozen(x[MEDIATOR])
+        seqs["P"], p_weight, old = pseudo_modality(z_med, pmr.teacher, cb.embed[pmr.k_prev :], args.pmr_new_weight,
+                                                   args.pmr_assign, pmr.tau)
         aux["pmr_old_share"] = old.float().mean()
     t = int(torch.randint(1, x[c].shape[1] - 1, (), generator=rng))
-    L["cpc"] = model.cpc(seqs, t, args.cpc_self_weight, p_weight)
+    L["cpc"], cpc_p = model.cpc(seqs, t, args.cpc_self_weight, p_weight)
+    if pmr is not None:
+        aux["pmr_cpc_share"] = (cpc_p / L["cpc"].clamp_min(1e-12)).detach()
     if model.adapter is not None and args.gate_loss:
         L["gate"] = args.gate_weight * sum(gate_balance_loss(g[m]) for m in (c, b))
     return L, aux
@@ -779,6 +859,13 @@ def validate(args: Args) -> None:
     req(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}, got {args.n_heads}")
     req(0 < args.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {args.ema_decay}")
     req(0 <= args.pmr_new_weight <= 1, "pmr_new_weight", f"must be in [0, 1], got {args.pmr_new_weight}")
+    req(0 < args.pmr_quantile <= 1, "pmr_quantile", f"must be in (0, 1], got {args.pmr_quantile}")
+    req(args.min_steps_per_stage >= 0, "min_steps_per_stage", f"must be >= 0, got {args.min_steps_per_stage}")
+    for f, choices in (("pmr_assign", ("threshold", "teacher", "union")), ("pmr_mediator", ("live", "frozen"))):
+        req(getattr(args, f) in choices, f, f"must be one of {choices}, got {getattr(args, f)}")
+    for f in ("pmr_new_weight", "pmr_assign", "pmr_quantile", "pmr_mediator"):
+        req((args.comet and args.pmr) or getattr(args, f) == getattr(Args, f), f,
+            "needs the pseudo-modality stream; --no-pmr / --no-comet turn it off")
     req(0 < args.use_threshold <= 1, "use_threshold", f"must be in (0, 1], got {args.use_threshold}")
     req(0 <= args.shared <= 1, "shared", f"must be in [0, 1], got {args.shared}")
     for s in COMET_SWITCHES:
@@ -824,27 +911,41 @@ def reseed(args: Args, gens: Dict[str, torch.Generator], k: int) -> None:
     torch.manual_seed(common.derive_seed(args.seed, f"dropout/{k}"))
 
 
-def begin_stage(model: CometModel, args: Args, k: int, g=None):
-    """METHOD LOGIC: from stage 2 on, freeze the codebook as the PMR teacher and append k2 new codes.
-    Returns (pmr = (teacher, K_prev) or None, first code index the dead-code reset may touch)."""
+def begin_stage(model: CometModel, args: Args, k: int, g=None, prev_text: Optional[np.ndarray] = None):
+    """METHOD LOGIC: from stage 2 on, freeze the codebook as the PMR teacher (with tau_k from stage k-1's captions
+    prev_text, and the frozen mediator, when asked for) and append k2 new codes. Returns (Replay or None, first code
+    index the dead-code reset may touch)."""
     if k == 0 or not args.comet:
         return None, 0
-    teacher = model.codebook.embed.clone()
+    teacher, pmr = model.codebook.embed.clone(), None
+    if args.pmr:
+        tau = calibrate_tau(model, prev_text, args.pmr_quantile) if args.pmr_assign == "threshold" else None
+        pmr = Replay(teacher, len(teacher), tau, FrozenMediator(model) if args.pmr_mediator == "frozen" else None)
     if args.expand:
         model.codebook.expand(args.k2, g)
-    return ((teacher, len(teacher)) if args.pmr else None), (len(teacher) if args.expand else 0)
+    return pmr, (len(teacher) if args.expand else 0)
+
+
+def epoch_plan(args: Args, dd: Dict[str, dict], stages: List[List[str]]) -> List[int]:
+    """Epochs of every stage: --epochs, raised with --data-dir to reach --min-steps-per-stage steps (decision C2)."""
+    plan = []
+    for pairs in stages:
+        n_min = min(len(next(iter(dd[f"{p.lower()}_train"].values()))) for p in pairs)
+        steps = n_min // min(args.batch_size, n_min)
+        plan.append(max(args.epochs, math.ceil(args.min_steps_per_stage / steps) if args.data_dir else 0))
+    return plan
 
 
 def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run: dict, club_opt, gens, loggers,
-                k: int, name: str):
-    """args.epochs epochs of Adam on every non-CLUB parameter (fresh per stage); returns (number of steps,
-    per-epoch share of pseudo positions on old codes or None)."""
+                k: int, name: str, plan: List[int]):
+    """plan[k] epochs of Adam on every non-CLUB parameter (fresh per stage); returns (number of steps, {PMR_LOGS
+    key: per-epoch values, or None without a P stream})."""
     n_min = min(len(next(iter(t.values()))) for t in train.values())
     bs = min(args.batch_size, n_min)
     steps = n_min // bs
     params = [p for n, p in model.named_parameters() if not n.startswith("club.")]  # codes are buffers
-    opt, shares = torch.optim.Adam(params, lr=args.lr), []
-    for epoch in range(args.epochs):
+    opt, logs = torch.optim.Adam(params, lr=args.lr), {key: [] for key in PMR_LOGS}
+    for epoch in range(plan[k]):
         perms = {p: torch.randperm(n_min, generator=gens["shuffle"]) for p in train}
         sums, t0 = {}, time.perf_counter()
         for i in range(steps):
@@ -860,22 +961,23 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             model.codebook.reset_dead(args.reset_after, start=reset_from, g=gens["reset"])
-        vals = end_epoch(model, args, sums, loggers, k, name, epoch, time.perf_counter() - t0, steps * len(train) * bs)
-        shares.append(vals.get("pmr_old_share"))
-    return steps * args.epochs, (shares if pmr is not None else None)
+        vals = end_epoch(model, sums, loggers, k, name, epoch, plan, time.perf_counter() - t0, steps * len(train) * bs)
+        for key in PMR_LOGS:
+            logs[key].append(vals.get(key))
+    return steps * plan[k], {key: (v if pmr is not None else None) for key, v in logs.items()}
 
 
-def end_epoch(model: CometModel, args: Args, sums: dict, loggers, k: int, name: str, epoch: int, dt: float,
+def end_epoch(model: CometModel, sums: dict, loggers, k: int, name: str, epoch: int, plan: List[int], dt: float,
               n_pairs: int) -> Dict[str, float]:
-    """Divergence check (exit 1), the epoch's loss line and its scalars; returns the epoch means."""
+    """Divergence check (exit 1), the epoch's loss line and its scalars (x = epochs so far); returns the means."""
     vals = {n: float(v) for n, v in sums.items()}
     common.stop_if_diverged(vals, f"stage {k + 1} ({name}) epoch {epoch + 1}")
     parts = " ".join(f"{n} {v:.3f}" for n, v in vals.items())
     total = sum(v for n, v in vals.items() if n not in AUX_TERMS)
-    print(f"[{name}] epoch {epoch + 1}/{args.epochs} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
+    print(f"[{name}] epoch {epoch + 1}/{plan[k]} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
           f"{dt:.1f}s {n_pairs / max(dt, 1e-9):.0f} pairs/s")
     scalars = {(f"train/{n}" if n in AUX_TERMS else f"losses/{n}"): v for n, v in vals.items()}
-    common.log_scalars(loggers, scalars, k * args.epochs + epoch + 1)
+    common.log_scalars(loggers, scalars, sum(plan[:k]) + epoch + 1)
     return vals
 
 
@@ -926,17 +1028,18 @@ def main(args: Args) -> dict:
     method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
     name = common.run_name("comet", method, common.data_tag(args.data_dir), None, args.seed)
     run_dir, ckpt = common.open_run(args, name, "comet")
-    loggers = common.open_loggers(args, name, run_dir, ckpt["done"] * args.epochs + 1 if ckpt else None)
+    stages = [list(args.order)] if args.joint else [[p] for p in args.order]
+    plan = epoch_plan(args, dd, stages)  # logging x-axis: epochs so far
+    loggers = common.open_loggers(args, name, run_dir, sum(plan[: ckpt["done"]]) + 1 if ckpt else None)
     print(f"run {name} -> {run_dir} (device: {device})")
 
-    stages = [list(args.order)] if args.joint else [[p] for p in args.order]
     names, T, t0 = ["+".join(s) for s in stages], len(stages), time.perf_counter()
     model = CometModel(args, modality_dims(dd), args.comet and args.moe).to(device)
     club_opt = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters, method {method}")
     gens = {"shuffle": gen, **{s: torch.Generator() for s in ("step", "fisher", "reset", "expand")}}  # CPU streams
-    run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "pmr_old_share": [None],
-           "time": {"train": 0.0, "eval": 0.0, "total": 0.0}}
+    run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "time": {"train": 0.0, "eval": 0.0, "total": 0.0},
+           **{key: [None] for key in PMR_LOGS + ("pmr_tau",)}}
     if ckpt:  # --resume: everything as a fresh run builds it, then the stored state, RNGs last
         name, run = ckpt["run_name"], load_state(ckpt, model, club_opt, gens, device)
     else:
@@ -946,13 +1049,16 @@ def main(args: Args) -> dict:
 
     for k in range(ckpt["done"] if ckpt else 0, T):
         reseed(args, gens, k)
-        pmr, reset_from = begin_stage(model, args, k, gens["expand"])
+        prev_text = dd[f"{names[k - 1].lower()}_train"][MEDIATOR] if k else None  # tau_k: stage k-1's captions
+        pmr, reset_from = begin_stage(model, args, k, gens["expand"], prev_text)
         train = {p: {LETTER[c]: torch.from_numpy(dd[f"{p.lower()}_train"][LETTER[c]]).to(device) for c in p}
                  for p in stages[k]}
         t1 = time.perf_counter()
-        steps, shares = train_stage(model, args, train, pmr, reset_from, run, club_opt, gens, loggers, k, names[k])
+        steps, logs = train_stage(model, args, train, pmr, reset_from, run, club_opt, gens, loggers, k, names[k], plan)
         run["steps"].append(steps)
-        run["pmr_old_share"].append(shares)
+        run["pmr_tau"].append(pmr.tau if pmr is not None else None)
+        for key, v in logs.items():
+            run[key].append(v)
         if args.comet and args.moe and args.ewc and k < T - 1:
             update_fisher(model, args, train[stages[k][0]], run, gens["fisher"], pmr)
         t2 = time.perf_counter()
@@ -962,11 +1068,12 @@ def main(args: Args) -> dict:
         run["time"]["total"] = total0 + time.perf_counter() - t0
         print(f"--- after stage {k + 1} ({names[k]}), codes {model.codebook.embed.shape[0]}:")
         print(stage_table(run["evals"], ["init"] + [f"after {n}" for n in names]))
-        common.log_scalars(loggers, row_scalars(run["evals"][-1]), (k + 1) * args.epochs)
+        common.log_scalars(loggers, row_scalars(run["evals"][-1]), sum(plan[: k + 1]))
         save_state(run_dir, args, k + 1, T, model, club_opt, run, name, gens, names[k])
 
     M, extra, summary, series = build_results(run["evals"], stages)
-    extra["train_steps"], extra["pmr_old_share"] = run["steps"], run["pmr_old_share"]
+    extra["train_steps"] = run["steps"]
+    extra.update({key: run[key] for key in PMR_LOGS + ("pmr_tau",)})
     run["time"]["total"] = total0 + time.perf_counter() - t0
     res = common.results_envelope(script="comet", method=method, variant=variant, data=common.data_tag(args.data_dir),
                                   backbone=None, seed=args.seed, run_name=name, args=args, device=device, tasks=names,
@@ -977,7 +1084,7 @@ def main(args: Args) -> dict:
     common.write_results(run_dir, res, series)  # a diverged or failed run leaves no results.json
     if args.plot:
         common.plot_matrix(run_dir, M["ret_avg"], res["rows"], names, "retrieval R-avg (%) of each stage's pair")
-    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, T * args.epochs)
+    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, sum(plan))
     common.close_loggers(loggers)
     common.finish_run(run_dir, args.save_model)
     return res

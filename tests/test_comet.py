@@ -43,6 +43,15 @@ def test_ema_update_moves_assigned_code_to_hand_computed_value():
     assert cb.idle.tolist() == [0.0, 1.0]
 
 
+def test_attention_partner_several_keys_hand_value():
+    za = torch.tensor([[[1.0, 0.0]]])
+    zb = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    e = math.exp(1 / math.sqrt(2))  # scores z^a.z^b_j / sqrt(D) = (1, 0, -1) / sqrt(2)
+    S = e + 1 + 1 / e
+    r = comet.partner(za, zb, False)
+    assert torch.allclose(r, torch.tensor([[[(e - 1 / e) / S, 1 / S]]]), atol=1e-6)  # a query-blind mean: (0, 1/3)
+
+
 def test_mm_ema_partner_mixes_both_modalities():
     za = torch.tensor([[[1.0, 0.0]]])
     zb = torch.tensor([[[0.0, 3.0]]])
@@ -86,6 +95,20 @@ def test_dead_code_reset_restricted_to_new_codes():
     assert torch.allclose(cb.embed[4:], before[0].expand(2, 3), atol=1 / 128)  # copies of the active code + noise
     n = cb.reset_dead(after=10, start=0)
     assert n == 3 and torch.allclose(cb.embed[1:4], before[0].expand(3, 3), atol=1 / 128)
+
+
+def test_dead_code_reset_survives_the_next_ema_update():
+    torch.manual_seed(0)
+    cb = comet.Codebook(6, 3, decay=0.99)
+    cb.embed.copy_(torch.arange(18.0).view(6, 3))
+    cb.weight.copy_(cb.embed)
+    cb.idle.copy_(torch.tensor([0.0, 50, 50, 50, 50, 50]))
+    assert cb.reset_dead(after=10, start=4) == 2
+    reset = cb.embed[4:].clone()
+    for _ in range(3):  # batches that only use code 0: an unused code must keep its (reset) value
+        cb.ema_update([torch.tensor([[[0.5, 1.0, 2.0]]])], [torch.zeros(1, 1, dtype=torch.long)])
+    assert torch.allclose(cb.embed[4:], reset, atol=1e-6)  # weight = embed * count was reset with the code
+    assert (cb.embed[4:] - torch.arange(12.0, 18.0).view(2, 3)).abs().min() > 5  # not back to the old value
 
 
 def test_cmcm_lower_for_matching_pairs():
@@ -162,11 +185,25 @@ def test_cpc_terms_with_masked_pseudo_stream_vanish():
     torch.manual_seed(0)
     cpc = comet.CrossCPC(["video", "text", "P"], 4)
     seqs = {"video": torch.randn(8, 6, 4), "text": torch.randn(8, 6, 4)}
-    base = cpc(seqs, 2, 0.1)
+    base, base_p = cpc(seqs, 2, 0.1)
     P = torch.randn(8, 6, 4)
-    masked = cpc({**seqs, "P": P}, 2, 0.1, torch.zeros(8, 6))
-    kept = cpc({**seqs, "P": P}, 2, 0.1, torch.ones(8, 6))
-    assert torch.allclose(masked, base) and kept > base  # 5 more InfoNCE terms when P counts
+    masked, masked_p = cpc({**seqs, "P": P}, 2, 0.1, torch.zeros(8, 6))
+    kept, kept_p = cpc({**seqs, "P": P}, 2, 0.1, torch.ones(8, 6))
+    assert base_p == 0.0 and masked_p.item() == 0.0 and torch.allclose(masked, base)
+    assert torch.allclose(kept - base, kept_p) and kept_p > 0  # the P part is exactly what the P stream adds
+
+
+def test_cpc_p_share_hand_value_with_blind_predictors():
+    cpc = comet.CrossCPC(["video", "text", "P"], 4)
+    for lin in cpc.pred.values():  # zero predictions: every InfoNCE term is log B
+        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    seqs = {m: torch.randn(8, 6, 4) for m in ("video", "text", "P")}
+    w = torch.zeros(8, 6)
+    w[:, 3] = 0.5  # only the predicted step t + 1 = 3 is read
+    loss, loss_p = cpc(seqs, 2, 0.1, w)
+    # 6 cross terms at 1 and 3 self terms at 0.1; those with P: 4 cross + 1 self, each times 0.5
+    assert loss_p.item() == pytest.approx(0.5 * 4.1 * math.log(8), rel=1e-5)
+    assert loss.item() == pytest.approx((2.2 + 0.5 * 4.1) * math.log(8), rel=1e-5)
 
 
 def test_pmr_gradient_reaches_encoders_only_through_p_terms(tmp_path):
@@ -182,7 +219,7 @@ def test_pmr_gradient_reaches_encoders_only_through_p_terms(tmp_path):
     for w in (0.0, 1.0):
         args.pmr_new_weight = w
         torch.manual_seed(1)
-        L, _ = comet.pair_losses(model, args, x, (teacher, 32), update=False)
+        L, _ = comet.pair_losses(model, args, x, comet.Replay(teacher, 32, tau=1.0), update=False)
         grads.append(torch.autograd.grad(L["cpc"], model.phi["audio"][0].weight)[0])
     # with new-code positions masked, only P-free terms remain; weight 1 adds the P terms
     assert not torch.allclose(grads[0], grads[1])
@@ -220,9 +257,13 @@ def test_npz_roundtrip_gives_identical_results(tmp_path):
     dd = data.comet_benchmark(5, args.n_pairs, args.n_per_class, args.n_test, args.seq_len)
     write_npz(tmp_path / "feats", dd)
     r1 = comet.main(args)
-    r2 = comet.main(tiny_args(tmp_path, "npz", seed=5, data_dir=str(tmp_path / "feats")))
+    r2 = comet.main(tiny_args(tmp_path, "npz", seed=5, data_dir=str(tmp_path / "feats"), min_steps_per_stage=0))
     assert r1["summary"]["va_acc"] == r2["summary"]["va_acc"]
     assert r1["matrices"] == r2["matrices"]
+    # the step floor applies to --data-dir runs: 3 steps per epoch, floor 5 -> 2 epochs
+    r3 = comet.main(tiny_args(tmp_path, "floor", seed=5, data_dir=str(tmp_path / "feats"), min_steps_per_stage=5,
+                              order=["VT"]))
+    assert r3["extra"]["train_steps"] == [0, 6]
 
 
 @pytest.mark.parametrize("problem", ["missing_file", "bad_shape", "nan", "bad_label", "dim_mismatch", "missing_label",
@@ -280,10 +321,12 @@ def test_begin_stage_expand_and_replay_switches(tmp_path, flags, K, pmr, reset_f
     model = small_model(args)
     before = model.codebook.embed.clone()
     assert comet.begin_stage(model, args, 0) == (None, 0)
-    got_pmr, got_reset = comet.begin_stage(model, args, 1)
+    text = data.comet_benchmark(0, 32, 2, 8, 10)["vt_train"]["text"]
+    got_pmr, got_reset = comet.begin_stage(model, args, 1, prev_text=text)
     assert model.codebook.embed.shape[0] == K and got_reset == reset_from and (got_pmr is not None) == pmr
     if pmr:
-        assert torch.equal(got_pmr[0], before) and got_pmr[1] == 32  # frozen copy of the previous codebook
+        assert torch.equal(got_pmr.teacher, before) and got_pmr.k_prev == 32  # frozen copy of the previous codebook
+        assert got_pmr.tau > 0 and got_pmr.frozen is None  # defaults: threshold rule, live mediator
 
 
 # ----------------------------------------------------------------------------- metric guards, divergence
