@@ -63,10 +63,11 @@ def test_mm_ema_partner_mixes_both_modalities():
 
 
 def test_straight_through_gradient():
+    torch.manual_seed(0)
     z = torch.randn(3, 4, 5, requires_grad=True)
     codes = torch.randn(3, 4, 5)
     q = comet.st_quantize(z, codes)
-    assert torch.allclose(q, codes)
+    assert torch.allclose(q, codes, atol=1e-6)  # z + (codes - z) rounds near zero
     w = torch.randn(3, 4, 5)
     (q * w).sum().backward()
     assert torch.allclose(z.grad, w)
@@ -152,6 +153,44 @@ def test_ewc_penalty_zero_at_star_and_grows_with_fisher():
     assert comet.ewc_penalty(moved, {"w": 2 * fisher["w"]}, star, lam=2.0).item() == pytest.approx(1.5)
 
 
+def test_fisher_zero_for_untrained_specific_layers_and_normalised(tmp_path):
+    args = tiny_args(tmp_path)
+    model = small_model(args, mods=("video", "audio", "text", "image"))
+    dd = data.comet_benchmark(0, 32, 2, 8, 10)
+    batches = [{m: torch.from_numpy(dd["vt_train"][m][i : i + 16]) for m in ("video", "text")} for i in (0, 16)]
+    torch.manual_seed(3)
+    F = comet.compute_fisher(model, args, batches, None)
+    for m in ("audio", "image"):  # a VT stage never activates these specific layers
+        assert not F[f"spec_w.{m}"].any() and not F[f"spec_b.{m}"].any()
+    assert F["spec_w.video"].any() and F["spec_w.text"].any() and F["common_w"].any()
+    nz = torch.cat([f[f > 0] for f in F.values()])
+    assert nz.mean().item() == pytest.approx(1.0, rel=1e-5)  # documented: mean 1 over the nonzero entries
+    named, raw = comet.ewc_named(model), None  # by hand: mean squared gradient of commit + cmcm + cpc, rescaled
+    torch.manual_seed(3)
+    model.eval()
+    for x in batches:
+        L, _ = comet.pair_losses(model, args, x, None, update=False)
+        g = torch.autograd.grad(L["commit"] + L["cmcm"] + L["cpc"], list(named.values()), allow_unused=True)
+        sq = [torch.zeros_like(p) if gi is None else gi ** 2 / 2 for gi, p in zip(g, named.values())]
+        raw = sq if raw is None else [r + q for r, q in zip(raw, sq)]
+    scale = torch.cat([r[r > 0] for r in raw]).mean()
+    assert all(torch.allclose(F[n], r / scale, rtol=1e-4, atol=1e-7) for n, r in zip(named, raw))
+
+
+def test_adapter_switches_by_mechanism(tmp_path):
+    z = torch.randn(2, 5, 32)
+    ad = small_model(tiny_args(tmp_path, specific_layers=False)).adapter
+    assert len(ad.spec_w) == 0 and len(ad.spec_b) == 0  # --no-specific-layers: experts are the common layer only
+    assert torch.equal(ad(z, "video")[0], ad(z, "text")[0])
+    model = small_model(tiny_args(tmp_path, moe=False))
+    x = torch.randn(2, 5, data.COMET_DIMS["video"])
+    model.eval()
+    assert model.adapter is None and torch.equal(model.encode("video", x)[0], model.phi["video"](x))  # --no-moe
+    L, _ = comet.pair_losses(small_model(tiny_args(tmp_path, gate_loss=False)), tiny_args(tmp_path, gate_loss=False),
+                             at_batch(), None, update=False)
+    assert "gate" not in L  # --no-gate-loss
+
+
 def test_club_estimate_lower_for_independent_inputs():
     torch.manual_seed(0)
     x = torch.randn(256, 4, 8)
@@ -179,6 +218,103 @@ def test_pmr_pseudo_sequence_from_frozen_codebook_masks_new_codes():
     assert w.tolist() == [[1.0, 1.0, 0.0]] and old.tolist() == [[True, True, False]]
     _, w1, _ = comet.pseudo_modality(z_med, teacher, new, math.exp(-1))
     assert w1[0, 2].item() == pytest.approx(math.exp(-1))
+
+
+HAND_TEACHER = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+HAND_NEW = torch.tensor([[0.0, 10.0]])
+HAND_MED = torch.tensor([[[1.0, 0.0], [9.0, 1.0], [0.0, 9.0], [3.0, 3.0]]])  # (3, 3): 18 from (0, 0), 58 from others
+
+
+@pytest.mark.parametrize("assign, kept, P", [
+    ("union", [1, 1, 0, 1], [[0, 0], [10, 0], [0, 10], [0, 0]]),
+    ("threshold", [1, 1, 0, 0], [[0, 0], [10, 0], [0, 10], [0, 10]]),  # tau 4: (3, 3) finds no match in V1
+    ("teacher", [1, 1, 1, 1], [[0, 0], [10, 0], [0, 0], [0, 0]])])
+def test_pmr_assign_rules_hand_case(assign, kept, P):
+    got_P, w, old = comet.pseudo_modality(HAND_MED, HAND_TEACHER, HAND_NEW, 0.25, assign, tau=4.0)
+    assert old[0].tolist() == [bool(k) for k in kept] and torch.equal(got_P[0], torch.tensor(P, dtype=torch.float))
+    assert w[0].tolist() == [1.0 if k else 0.25 for k in kept]
+    P0, w0, old0 = comet.pseudo_modality(HAND_MED, HAND_TEACHER, HAND_NEW[:0], 0.25, assign, tau=4.0)  # --no-expand
+    assert torch.equal(P0[0], torch.tensor([[0.0, 0], [10, 0], [0, 0], [0, 0]]))  # always the nearest teacher code
+    assert w0[0].tolist() == ([1.0, 1.0, 0.0, 0.0] if assign == "threshold" else [1.0] * 4)
+
+
+def test_tau_is_the_quantile_of_the_previous_stage_own_distances(tmp_path, monkeypatch):
+    model = small_model(tiny_args(tmp_path, k1=2))
+    model.codebook.embed.zero_()
+    model.codebook.embed[1, 0] = 10.0
+    a = torch.linspace(0.0, 4.9, 100).view(10, 10)  # step (i, t) at (a, 0, ...): squared distance a^2 to code 0
+    feats = torch.zeros(10, 10, 32)
+    feats[..., 0] = a
+    modes = []
+
+    def fake_encode(m, x):
+        modes.append((m, model.training))
+        return feats[x[:, 0, 0].long()], None
+
+    monkeypatch.setattr(model, "encode", fake_encode)
+    text = np.zeros((10, 10, 3), dtype=np.float32)
+    text[:, 0, 0] = np.arange(10)
+    tau = comet.calibrate_tau(model, text, 0.9, bs=3)
+    assert tau == pytest.approx(torch.quantile(a.flatten() ** 2, 0.9).item(), rel=1e-5)
+    assert modes == [("text", False)] * 4 and model.training  # eval mode, every batch, train mode restored
+
+
+def replayed_P(model, args, x, pmr):
+    """The P stream and aux of one update-free, eval-mode pair_losses call (captured at the CPC input)."""
+    seen = []
+    hook = model.cpc.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]["P"].clone()))
+    model.eval()
+    _, aux = comet.pair_losses(model, args, x, pmr, update=False)
+    model.train()
+    hook.remove()
+    return seen[0], aux
+
+
+def at_batch(n=16):
+    dd = data.comet_benchmark(0, 32, 2, 8, 10)
+    return {m: torch.from_numpy(dd["at_train"][m][:n]) for m in ("audio", "text")}
+
+
+def test_p_from_frozen_teacher_codes_after_live_codes_moved(tmp_path):
+    args = tiny_args(tmp_path, pmr_assign="teacher")
+    model, x = small_model(args), at_batch()
+    pmr, _ = comet.begin_stage(model, args, 1)
+    club = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
+    for _ in range(5):  # MM-EMA moves the live copies of the old codes
+        comet.pair_losses(model, args, x, pmr, update=True, club_opt=club)
+    live_old = model.codebook.embed[:32]
+    assert not torch.allclose(live_old, pmr.teacher)
+    P, aux = replayed_P(model, args, x, pmr)
+    with torch.no_grad():
+        model.eval()
+        z = model.encode("text", x["text"])[0]
+        model.train()
+    assert torch.equal(P, pmr.teacher[comet.sq_dist(z, pmr.teacher).argmin(-1)])
+    assert not torch.equal(P, live_old[comet.sq_dist(z, live_old).argmin(-1)])
+    assert aux["pmr_old_share"].item() == 1.0 and 0 < aux["pmr_cpc_share"].item() < 1
+
+
+def test_frozen_mediator_keeps_p_while_live_mediator_moves(tmp_path):
+    args = tiny_args(tmp_path, pmr_assign="teacher", pmr_mediator="frozen")
+    model, x = small_model(args), at_batch()
+    model.codebook.embed.copy_(torch.randn(32, 32))  # spread codes: P depends on the mediator feature
+    frozen_pmr, _ = comet.begin_stage(model, args, 1)
+    live_pmr = frozen_pmr._replace(frozen=None)
+    fz = frozen_pmr.frozen
+    frozen_params = list(fz.phi.parameters()) + list(fz.adapter.parameters())
+    assert not any(p.requires_grad for p in frozen_params) and not fz.phi.training
+    assert not {id(p) for p in frozen_params} & {id(p) for p in model.parameters()}  # neither Adam nor EWC sees it
+    before = [p.clone() for p in frozen_params]
+    P_frozen, P_live = replayed_P(model, args, x, frozen_pmr)[0], replayed_P(model, args, x, live_pmr)[0]
+    assert torch.equal(P_frozen, P_live)  # same network right after the copy
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("club.")], lr=0.5)
+    L, _ = comet.pair_losses(model, args, x, frozen_pmr, update=True,
+                             club_opt=torch.optim.Adam(model.club.parameters()))
+    sum(L.values()).backward()
+    opt.step()  # one large step moves the live mediator
+    assert all(torch.equal(p, b) for p, b in zip(frozen_params, before))
+    assert torch.equal(replayed_P(model, args, x, frozen_pmr)[0], P_frozen)
+    assert not torch.equal(replayed_P(model, args, x, live_pmr)[0], P_live)
 
 
 def test_cpc_terms_with_masked_pseudo_stream_vanish():
@@ -329,6 +465,34 @@ def test_begin_stage_expand_and_replay_switches(tmp_path, flags, K, pmr, reset_f
         assert got_pmr.tau > 0 and got_pmr.frozen is None  # defaults: threshold rule, live mediator
 
 
+# ----------------------------------------------------------------------------- metrics on hand cases
+def test_f1_hand_case():
+    logits = torch.tensor([[5.0, -5.0], [5.0, 5.0]])  # predictions [[1, 0], [1, 1]]
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert comet.f1_score(logits, targets) == pytest.approx(80.0)  # TP 2, P 3, T 2: 2 (2/3) 1 / (2/3 + 1)
+    assert comet.f1_score(-logits.abs(), targets) == 0.0  # nothing predicted
+    assert comet.f1_score(logits, torch.zeros(2, 2)) == 0.0  # nothing to find
+
+
+def test_retrieval_hand_case(monkeypatch):
+    s5 = math.sqrt(5)
+    emb = {"video": torch.eye(3), "text": torch.tensor([[1 / s5, 2 / s5, 0], [0, 1, 0], [0, 0, 1]])}
+
+    def fake_quantize_all(model, m, x, where=""):
+        return emb[m][:, None].expand(3, 4, 3), None, None  # constant over time: the time mean is emb
+
+    monkeypatch.setattr(comet, "quantize_all", fake_quantize_all)
+    out = comet.retrieval(None, {"vt_test": {"video": None, "text": None}})
+    # video -> text: every video finds its caption first; text 0 -> video ranks video 1 (0.89) above video 0 (0.45)
+    assert [out["VT"][f"r{k}_fwd"] for k in (1, 5, 10)] == [100.0, 100.0, 100.0]
+    assert [out["VT"][f"r{k}_bwd"] for k in (1, 5, 10)] == pytest.approx([200 / 3, 100.0, 100.0])
+    assert out["VT"]["avg"] == pytest.approx((500 + 200 / 3) / 6) and set(out) == {"VT"}
+    emb["text"] = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1]])  # ties count in expectation
+    out = comet.retrieval(None, {"vt_test": {"video": None, "text": None}})
+    # video 0 scores (1, 1, 0): R@1 1/2; video 1 scores (0, 0, 0): 1/3; video 2 scores (0, 0, 1): 1
+    assert out["VT"]["r1_fwd"] == pytest.approx(100 * (1 / 2 + 1 / 3 + 1) / 3)
+
+
 # ----------------------------------------------------------------------------- metric guards, divergence
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_metric_helpers_refuse_non_finite(tmp_path, bad):
@@ -369,7 +533,12 @@ BAD_ARGS = [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan"
             ({"seq_len": 2}, "seq-len"), ({"num_threads": -1}, "num-threads"), ({"order": ["VT", "VA"]}, "order"),
             ({"order": ["VT", "VT"]}, "order"), ({"order": []}, "order"),
             ({"comet": False, "pmr": False}, "no-pmr"), ({"comet": False, "expand": False}, "no-expand"),
-            ({"moe": False, "ewc": False}, "no-ewc"), ({"moe": False, "gate_loss": False}, "no-gate-loss")]
+            ({"moe": False, "ewc": False}, "no-ewc"), ({"moe": False, "gate_loss": False}, "no-gate-loss"),
+            ({"pmr_quantile": 0.0}, "pmr-quantile"), ({"pmr_quantile": 1.5}, "pmr-quantile"),
+            ({"min_steps_per_stage": -1}, "min-steps-per-stage"), ({"pmr_assign": "nearest"}, "pmr-assign"),
+            ({"pmr_mediator": "old"}, "pmr-mediator"), ({"pmr": False, "pmr_assign": "union"}, "pmr-assign"),
+            ({"comet": False, "pmr_mediator": "frozen"}, "pmr-mediator"), ({"pmr": False, "pmr_quantile": 0.9},
+                                                                           "pmr-quantile")]
 
 
 @pytest.mark.parametrize("overrides, flag", BAD_ARGS, ids=lambda v: v if isinstance(v, str) else None)
@@ -409,7 +578,12 @@ def test_tyro_parse_and_help(capsys):
     assert tyro.cli(comet.Args, args=[]).order == ["VT", "AT", "IT"]
     b = tyro.cli(comet.Args, args=["--official-aligned-partner", "--no-expand", "--no-comet", "--no-moe"])
     assert b.official_aligned_partner and not b.expand and not b.comet and not b.moe
-    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"]):
+    c = tyro.cli(comet.Args, args=["--pmr-assign", "teacher", "--pmr-mediator", "frozen", "--pmr-quantile", "0.9",
+                                   "--min-steps-per-stage", "0"])
+    assert (c.pmr_assign, c.pmr_mediator, c.pmr_quantile, c.min_steps_per_stage) == ("teacher", "frozen", 0.9, 0)
+    d = tyro.cli(comet.Args, args=[])
+    assert (d.pmr_assign, d.pmr_mediator, d.pmr_quantile, d.min_steps_per_stage) == ("threshold", "live", 0.95, 300)
+    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"], ["--pmr-assign", "nearest"]):
         with pytest.raises(SystemExit) as e:
             tyro.cli(comet.Args, args=bad, console_outputs=False)
         assert e.value.code == 2
@@ -417,6 +591,17 @@ def test_tyro_parse_and_help(capsys):
         tyro.cli(comet.Args, args=["--help"])
     out = capsys.readouterr().out
     assert "COMET (arXiv 2504.00561)" in out and "--no-specific-layers" in out and "--no-no-" not in out
+    assert "--min-steps-per-stage" in out and "--data-dir only" in out and "tau_k" in out
+
+
+def test_epoch_plan_floor_only_with_data_dir():
+    dd = {"vt_train": {"text": np.zeros((100, 3, 2))}, "at_train": {"text": np.zeros((40, 3, 2))}}
+    A, stages = comet.Args, [["VT"], ["AT"]]
+    assert comet.epoch_plan(A(epochs=2, batch_size=32), dd, stages) == [2, 2]  # built-in: --epochs
+    assert comet.epoch_plan(A(epochs=2, batch_size=32, data_dir="x"), dd, stages) == [100, 300]  # 3 and 1 steps
+    assert comet.epoch_plan(A(epochs=2, batch_size=32, data_dir="x", min_steps_per_stage=0), dd, stages) == [2, 2]
+    assert comet.epoch_plan(A(epochs=400, batch_size=32, data_dir="x"), dd, stages) == [400, 400]
+    assert comet.epoch_plan(A(epochs=2, batch_size=32, data_dir="x"), dd, [["VT", "AT"]]) == [300]  # --joint
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -436,7 +621,7 @@ FLAGS = [({}, "comet"), ({"pmr": False}, "comet+no-pmr"), ({"expand": False}, "c
 
 
 @pytest.mark.parametrize("flags, method", FLAGS, ids=[m for _, m in FLAGS])
-def test_every_ablation_runs_three_stages(tmp_path, flags, method):
+def test_every_ablation_runs_three_stages(tmp_path, flags, method, capsys):
     res = comet.main(tiny_args(tmp_path, **flags))
     assert set(res) == ENVELOPE and res["schema"] == 1 and res["script"] == "comet" and res["method"] == method
     assert res["tasks"] == ["VT", "AT", "IT"] and res["rows"] == ["init", "VT", "AT", "IT"]
@@ -460,12 +645,28 @@ def test_every_ablation_runs_three_stages(tmp_path, flags, method):
     assert ex["pmr_old_share"][:2] == [None, None]  # per epoch, from stage 2 on, when the P stream exists
     assert all(0 <= v <= 1 for v in ex["pmr_old_share"][2] + ex["pmr_old_share"][3]) if replays else \
         ex["pmr_old_share"] == [None] * 4
+    assert all(0 <= v < 1 for v in ex["pmr_cpc_share"][2] + ex["pmr_cpc_share"][3]) if replays else \
+        ex["pmr_cpc_share"] == [None] * 4
+    assert ex["pmr_tau"][:2] == [None, None] and all((t is not None and t > 0) == replays for t in ex["pmr_tau"][2:])
+    epochs = [ln for ln in capsys.readouterr().out.splitlines() if "] epoch " in ln]
+    adapter = flags.get("comet", True) and flags.get("moe", True)
+    assert len(epochs) == 3 and all((" gate " in ln) == (adapter and "gate_loss" not in flags) for ln in epochs)
+    assert [" ewc " in ln for ln in epochs] == [False] + [adapter and "ewc" not in flags] * 2  # from stage 2 on
+    assert all((" pmr_cpc_share " in ln) == (replays and not ln.startswith("[VT]")) for ln in epochs)
     run = tmp_path / "run"
     assert strict_json(run / "results.json")["summary"] == s and not (run / "checkpoint.pt").exists()
     csv = (run / "metrics.csv").read_text().splitlines()
     assert csv[0] == "script,method,variant,seed,row,after,entry,metric,value"
     assert sum(",VA,ret_avg," in ln for ln in csv) == 4 and sum(",VT,ret_avg," in ln for ln in csv) == 4
     assert any(",A->V,cls_acc," in ln for ln in csv) and any(",all,n_codes," in ln for ln in csv)
+
+
+def test_pmr_variants_end_to_end(tmp_path):
+    res = comet.main(tiny_args(tmp_path, pmr_assign="teacher", pmr_mediator="frozen"))
+    ex = res["extra"]
+    assert ex["pmr_old_share"] == [None, None, [1.0], [1.0]] and ex["pmr_tau"] == [None] * 4
+    assert all(0 < v[0] < 1 for v in ex["pmr_cpc_share"][2:])
+    assert res["method"] == "comet" and {"pmr_assign=teacher", "pmr_mediator=frozen"} <= set(res["variant"].split(","))
 
 
 INIT_SHARED = ("phi.", "psi.", "dec.", "club.", "cpc.", "codebook.")
