@@ -25,7 +25,8 @@ five tasks with the base frozen and experts on the MLP gate/up/down projections 
 
 Usage:
     python mode.py                          # MoDE (T-MoE + V-Adapter + KD)
-    python mode.py --method seq-lora        # baselines: seq-lora, moe-lora (modality-coupled), tmoe-only
+    python mode.py --method seq-lora        # baselines: seq-lora, moe-lora (modality-coupled), tmoe-only,
+                                            #   cl-moe, dualprompt, model-tailor (below); --moe-split-rank
     python mode.py --no-kd                  # ablations: --no-kd, --no-text-moe, --no-visual-adapter (= tmoe-only)
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
     python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
@@ -76,6 +77,46 @@ Deviations from the paper/spec (spec section 8.7 design):
       (--official-kd-double-temperature), KD mean over all positions (--official-kd-all-positions);
     - the paper's equation numbers could not be read (only its abstract was available), so markers name
       the equation (Eq. (T-MoE), Eq. (KD), ...) following the forms in spec sections 3-5.
+
+Baselines (section "baselines"; designed from their official code, ../shared/specs/mode_next.md section 2; same
+loop, batches, steps and fresh-per-task AdamW as the other methods unless said; all coupled, so E2 = E1):
+    cl-moe        CL-MoE (ECNU-ICALK/CL-MoE a9eff1c) as released: moe-lora's layout on all tokens, each training
+                  forward counts per expert the tokens whose top-2 includes it (top-1/top-2 ties not counted);
+                  after task k >= 2, before row k: expert e = a * old + (1 - a) * new for its A and B separately,
+                  old = the post-merge experts after task k-1, a = 1 - m for experts in the old task's top list
+                  only, else m (--clmoe-momentum 0.7, --clmoe-top 8); routers from the new model. Deviations:
+                  Kaiming-uniform A and full rank per expert, as moe-lora (the release: normal(0, 0.01), rank
+                  split over experts = --moe-split-rank); counts from every training forward, not its sampling at
+                  wall-clock second 30; the merge is applied as intended (the release's key test matches no PEFT
+                  key, so its merged checkpoint equals the new one); no dual task/instance router (absent from
+                  the release). Rows k are post-merge, so R[k][k] is below the just-trained accuracy.
+    dualprompt    DualPrompt (google-research/l2p configs; mechanics as in JH-LEE-KR/dualprompt-pytorch) on the
+                  frozen decoder: prefix tuning (learned key/value prefixes, uniform(-1, 1)) with a G-prefix on
+                  --dp-g-layers (0) and one E-prefix per task on --dp-e-layers (1, 2), lengths 5; explicit mask:
+                  every token sees every prefix slot, then the causal triangle. The query is the frozen model's
+                  final normed hidden state at the last input position (<q:task>, <boi>; prefix-free, experts
+                  bypassed); task k trains E-prefix k (initialised from E-prefix k-1) with the pull constraint
+                  -1.0 * cos(key_k, query); evaluation selects per sample the top-1 key by cosine among the tasks
+                  trained so far (row 0 is prefix-free); generation selects once from the prompt and keeps it.
+                  Adam (AdamW, weight decay 0), constant --dp-lr 0.03, clip 1.0, fresh per task. Deviations:
+                  decoder-only mapping of the ViT layers (2/12, 3/12 -> 1/4, 2/4); per-sample selection, not the
+                  port's batch-majority vote (a single-task test batch would make it an oracle); keys not yet
+                  trained are not candidates; no class mask (closed-set scoring instead). No per-token adapters:
+                  path attribution is None; dp_selection_acc (extra) = the share selecting the task's own prefix.
+    model-tailor  Model Tailor (didizhu-zju/Model-Tailor e24dafe): seq-lora, then after each task, block by block
+                  with earlier blocks tailored, H = 2/n sum x x^T over --tailor-samples 128 sequences of the task
+                  just trained (non-pad positions), damped by 1% of its mean diagonal; per 128-column block the
+                  --tailor-keep 10% most important entries of W_ft - W_pre are kept (score 0.8 z(|dW|) +
+                  0.2 z(W^2 / U_ii^2), or --tailor-score obs), the rest reverted to W_pre column by column with
+                  OBS compensation on the later columns, SparseGPT's sign W -= err U by default (the release's
+                  W += err U with --official-tailor-sign; it adds output error on correlated inputs, see tests).
+                  The result is a frozen dense patch on the base (in the checkpoint), the LoRA restarts (A
+                  re-drawn, B = 0). Deviations: all layers are tailored (the release: layers 20-31 of 32); each
+                  block keeps exactly floor(10% of its entries) (the release thresholds a sorted score with <=,
+                  which can differ by an entry or by ties); the projector reset has no counterpart here.
+    --moe-split-rank  every text mixture (moe-lora, cl-moe, tmoe-only, MoDE's T-MoE) gives each expert rank
+                  lora_rank / num_experts with scale lora_alpha / lora_rank, as CoIN's and CL-MoE's tuners do:
+                  the experts' parameters equal seq-lora's (the routers come on top).
 """
 
 import hashlib
@@ -85,7 +126,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -162,8 +203,9 @@ class Args:
     """use only the first N tasks of the sequence (0 = all)"""
 
     # Algorithm specific arguments
-    method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only"] = "mode"
-    """mode | seq-lora (one shared LoRA) | moe-lora (shared LoRA experts) | tmoe-only (image tokens un-adapted)"""
+    method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
+    """mode | seq-lora (one shared LoRA) | moe-lora (shared LoRA experts) | tmoe-only (image tokens un-adapted) |
+    cl-moe | dualprompt | model-tailor (baselines, module docstring)"""
     kd: bool = True
     """MoDE: distil the frozen pre-trained model into the V-Adapter on the reference stream"""
     text_moe: bool = True
@@ -203,15 +245,51 @@ class Args:
     log_every: int = 100
     """print a progress line every this many steps"""
 
+    # Baselines (mode_next section 2; defaults from the official code, never tuned on results)
+    moe_split_rank: bool = False
+    """every text mixture splits --lora-rank over its experts, scale alpha / lora_rank (CoIN coinmoelora.py)"""
+    clmoe_momentum: float = 0.7
+    """CL-MoE: merged expert = m * old + (1 - m) * new after each task (CL-MoE params.py:32-36)"""
+    clmoe_top: int = 8
+    """CL-MoE: experts kept in a task's usage list, most used first (CL-MoE statistic.py:57-62)"""
+    dp_g_layers: Tuple[int, ...] = (0,)
+    """DualPrompt: layers with the G-prefix (l2p cifar100_dualprompt.py: [0, 1] of 12)"""
+    dp_e_layers: Tuple[int, ...] = (1, 2)
+    """DualPrompt: layers with the E-prefix (l2p cifar100_dualprompt.py: [2, 3, 4] of 12)"""
+    dp_g_length: int = 5
+    """DualPrompt: G-prefix length (l2p cifar100_dualprompt.py)"""
+    dp_e_length: int = 5
+    """DualPrompt: E-prefix length (l2p cifar100_dualprompt.py)"""
+    dp_lr: float = 0.03
+    """DualPrompt: constant Adam learning rate, fresh per task (l2p cifar100_dualprompt.py)"""
+    dp_max_grad_norm: float = 1.0
+    """DualPrompt: gradient-norm clipping (dualprompt-pytorch main.py)"""
+    dp_pull: float = 1.0
+    """DualPrompt: weight of the pull constraint -cos(key, query) (dualprompt-pytorch engine.py:67-68)"""
+    tailor_keep: float = 0.1
+    """Model Tailor: share of each block's entries of the change kept (release: sparsity_level 0.9)"""
+    tailor_samples: int = 128
+    """Model Tailor: calibration sequences from the task just trained (main_model_tailor.py:811)"""
+    tailor_damp: float = 0.01
+    """Model Tailor: Hessian damping, share of its mean diagonal (sparsegpt.py percdamp)"""
+    tailor_score: Literal["official", "obs"] = "official"
+    """Model Tailor: official = 0.8 z(|dW|) + 0.2 z(W^2 / U_ii^2) (sparsegpt.py:114-125); obs = dW^2 / U_ii^2"""
+    official_tailor_sign: bool = False
+    """official code: OBS compensation W += err U (sparsegpt.py:158-169) instead of SparseGPT's W -= err U"""
+
 
 FIELDS = ("tokens", "modality", "loss_mask")
 ABLATIONS = ("kd", "text_moe", "visual_adapter")  # MoDE switches, on by default
 OFFICIAL = ("official_kd_double_temperature", "official_kd_all_positions")  # official-code switches, off
+BASELINES = ("cl-moe", "dualprompt", "model-tailor")
+TAILOR_BLOCK = 128  # columns per block of Model Tailor's mask and lazy compensation (sparsegpt.py blocksize)
 VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
                   "steps_per_task", "batch_size", "lr", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
                   "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
-                  "conflict_batch_size")
+                  "conflict_batch_size", "clmoe_momentum", "clmoe_top", "dp_g_layers", "dp_e_layers", "dp_g_length",
+                  "dp_e_length", "dp_lr", "dp_max_grad_norm", "dp_pull", "tailor_keep", "tailor_samples",
+                  "tailor_damp", "tailor_score")
 ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
 MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing")
 
@@ -219,9 +297,11 @@ MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routin
 # ----------------------------------------------------------------------------- helpers
 def method_tag(args: Args) -> str:
     """The method plus its non-default switches, '+'-joined: 'mode', 'mode+no-kd', 'seq-lora'."""
-    if args.method != "mode":
-        return args.method  # the MoDE switches do not apply to the baselines
-    parts = [f"no-{f}" for f in ABLATIONS if not getattr(args, f)] + [f for f in OFFICIAL if getattr(args, f)]
+    parts = ["moe-split-rank"] if args.moe_split_rank and scheme_of(args)["n_text"] > 1 else []
+    parts += ["official-tailor-sign"] if args.method == "model-tailor" and args.official_tailor_sign else []
+    if args.method == "mode":  # the MoDE switches do not apply to the baselines
+        parts = [f"no-{f}" for f in ABLATIONS if not getattr(args, f)] + [f for f in OFFICIAL if getattr(args, f)] \
+            + parts
     return "+".join([args.method] + [p.replace("_", "-") for p in parts])
 
 
@@ -250,7 +330,8 @@ def warmup_cosine(step: int, total: int, warmup: float) -> float:
 
 
 def is_expert(name: str) -> bool:
-    return ".A_" in name or ".B_" in name or "router" in name
+    """Method state, not the frozen base: experts, routers, Model Tailor's patches, DualPrompt's prompts."""
+    return ".A_" in name or ".B_" in name or "router" in name or ".patch" in name or name.startswith("prompts.")
 
 
 def base_hashes(model: nn.Module) -> Dict[str, str]:
@@ -265,34 +346,45 @@ class ExpertLinear(nn.Module):
 
     route[b, s] = 0 sends the token to the text side (T-MoE, or one LoRA when it has 1 expert),
     1 to the image side (V-Adapter; no delta when absent); route=None bypasses all experts (teacher).
-    restore = (expert tensors of a snapshot, bool [B, S]) gives the selected tokens the snapshot's delta."""
+    restore = (expert tensors of a snapshot, bool [B, S]) gives the selected tokens the snapshot's delta.
+    patch (Model Tailor) is a frozen dense weight change on routed tokens; usage (CL-MoE) counts top-2 experts."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.base = nn.Linear(d_in, d_out, bias=False)
-        self.n_text, self.image_side, self.restore = 0, False, None
+        self.n_text, self.image_side, self.restore, self.usage = 0, False, None, None
+        self.register_buffer("patch", None)
 
-    def add_experts(self, r: int, alpha: float, dropout: float, n_text: int, image_side: bool):
-        d_in, d_out = self.base.in_features, self.base.out_features
+    def add_experts(self, r: int, alpha: float, dropout: float, n_text: int, image_side: bool,
+                    r_text: Optional[int] = None, patch: bool = False):
+        d_in, d_out, r_text = self.base.in_features, self.base.out_features, r_text or r
         bound = 1 / math.sqrt(d_in)  # = kaiming_uniform(a=sqrt(5)) as in LoRA; B = 0 -> identity at init
         self.base.weight.requires_grad_(False)
         self.n_text, self.image_side, self.scale, self.drop = n_text, image_side, alpha / r, nn.Dropout(dropout)
-        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r).uniform_(-bound, bound))
-        self.B_t = nn.Parameter(torch.zeros(n_text, r, d_out))
+        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r_text).uniform_(-bound, bound))
+        self.B_t = nn.Parameter(torch.zeros(n_text, r_text, d_out))
         self.router = nn.Linear(d_in, n_text, bias=False) if n_text > 1 else None
         if image_side:
             self.A_v = nn.Parameter(torch.empty(d_in, r).uniform_(-bound, bound))
             self.B_v = nn.Parameter(torch.zeros(r, d_out))
+        if patch:
+            self.patch = torch.zeros_like(self.base.weight)
 
     def experts(self) -> Dict[str, Optional[torch.Tensor]]:
+        if self.n_text == 0:
+            return {}
         return {"A_t": self.A_t, "B_t": self.B_t, "router": None if self.router is None else self.router.weight,
-                "A_v": self.A_v if self.image_side else None, "B_v": self.B_v if self.image_side else None}
+                "A_v": self.A_v if self.image_side else None, "B_v": self.B_v if self.image_side else None,
+                "patch": self.patch}
 
     def delta(self, x: torch.Tensor, h: torch.Tensor, route: torch.Tensor, p: dict) -> torch.Tensor:
         # Eq. (T-MoE): y = W h + s * sum_j softmax(W_g h)_j B_j A_j h   (dense soft mixture, fp32 router)
         z = torch.einsum("bsi,eir->bser", h, p["A_t"])
         if p["router"] is not None:
-            z = z * torch.softmax(F.linear(x, p["router"]).float(), -1).to(z.dtype).unsqueeze(-1)
+            gate = torch.softmax(F.linear(x, p["router"]).float(), -1)
+            if self.usage is not None and self.training:
+                self.usage += top2_usage(gate)
+            z = z * gate.to(z.dtype).unsqueeze(-1)
         delta = torch.einsum("bser,ero->bso", z, p["B_t"])
         if self.image_side:
             # Eq. (V-Adapter): y = W h + s * B_v A_v h for image tokens; hard routing by token modality
@@ -304,11 +396,24 @@ class ExpertLinear(nn.Module):
         if route is None or self.n_text == 0:
             return y
         h = self.drop(x)
-        delta = self.delta(x, h, route, self.experts())
+        delta = self.adapted(x, h, route, self.experts())
         if self.restore is not None:  # path attribution only
             snapshot, sel = self.restore
-            delta = torch.where(sel.unsqueeze(-1), self.delta(x, h, route, snapshot), delta)
-        return y + self.scale * delta
+            delta = torch.where(sel.unsqueeze(-1), self.adapted(x, h, route, snapshot), delta)
+        return y + delta
+
+    def adapted(self, x, h, route, p: dict) -> torch.Tensor:
+        delta = self.scale * self.delta(x, h, route, p)
+        if p["patch"] is None:
+            return delta
+        return delta + torch.where(route.unsqueeze(-1) == 0, F.linear(x, p["patch"]), 0.0)  # Model Tailor
+
+
+def top2_usage(gate: torch.Tensor) -> torch.Tensor:
+    """CL-MoE's usage count (clitmoelora.py:404-417): per expert, the tokens whose top-2 experts include it;
+    tokens whose top-1 and top-2 weights tie are not counted."""
+    w, idx = gate.detach().flatten(0, -2).topk(2, -1)
+    return torch.bincount(idx[w[:, 0] > w[:, 1]].flatten(), minlength=gate.shape[-1]).to(gate.dtype)
 
 
 class Block(nn.Module):
@@ -319,10 +424,16 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.gate, self.up, self.down = ExpertLinear(d, d_ff), ExpertLinear(d, d_ff), ExpertLinear(d_ff, d)
 
-    def forward(self, x, route):
+    def forward(self, x, route, prefix=None):
         B, S, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D))
+        if prefix is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # DualPrompt prefix tuning: every token sees all prefix slots, then the causal triangle
+            pk, pv = prefix.view(B, 2, -1, self.n_heads, D // self.n_heads).permute(1, 0, 3, 2, 4)
+            mask = torch.ones(S, pk.shape[2] + S, dtype=torch.bool, device=x.device).tril(pk.shape[2])
+            a = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, D))
         h = self.norm2(x)
         return x + self.down(F.silu(self.gate(h, route)) * self.up(h, route), route)  # SwiGLU
 
@@ -335,15 +446,39 @@ class UnifiedLM(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, n_heads, d_ff) for _ in range(n_layers))
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+        self.prompts = None  # DualPrompt
 
-    def forward(self, tokens: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, route=None, prompt=None) -> torch.Tensor:
+        """Final normed hidden states; prompt = E-prefix index per sample [B] (DualPrompt; None: no prefixes)."""
         x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
-        for blk in self.blocks:
-            x = blk(x, route)
-        return self.head(self.norm(x))
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, route, None if prompt is None else self.prompts.prefix(i, prompt))
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, route: Optional[torch.Tensor] = None, prompt=None) -> torch.Tensor:
+        return self.head(self.hidden(tokens, route, prompt))
 
     def expert_layers(self) -> List[ExpertLinear]:
         return [m for m in self.modules() if isinstance(m, ExpertLinear)]
+
+
+class Prompts(nn.Module):
+    """DualPrompt's prefixes (dualprompt-pytorch prompt.py:38-60): a G-prefix shared by all tasks, a pool of
+    E-prefixes (one per task) and their keys, all uniform(-1, 1); each prefix is a key and a value sequence."""
+
+    def __init__(self, n_tasks: int, d: int, g_layers, e_layers, g_len: int, e_len: int):
+        super().__init__()
+        self.g_layers, self.e_layers, self.task = list(g_layers), list(e_layers), None  # task: the one in training
+        self.g = nn.Parameter(torch.empty(len(self.g_layers), 2, g_len, d).uniform_(-1, 1))
+        self.e = nn.Parameter(torch.empty(n_tasks, len(self.e_layers), 2, e_len, d).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(n_tasks, d).uniform_(-1, 1))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # tasks trained so far
+
+    def prefix(self, layer: int, sel: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B, 2, L, d] key/value prefix of one layer for E-prefix indices sel [B], or None."""
+        parts = [self.g[self.g_layers.index(layer)].expand(len(sel), -1, -1, -1)] if layer in self.g_layers else []
+        parts += [self.e[sel, self.e_layers.index(layer)]] if layer in self.e_layers else []
+        return torch.cat(parts, 2) if parts else None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -382,6 +517,9 @@ def scheme_of(args: Args) -> dict:
         return dict(n_text=args.num_experts, image_side=False, coupled=True, kd=False)
     if args.method == "tmoe-only":
         return dict(n_text=args.num_experts, image_side=False, coupled=False, kd=False)
+    if args.method in BASELINES:  # CL-MoE: moe-lora's layout (CoIN's); Model Tailor: seq-lora's; DualPrompt: none
+        return dict(n_text={"cl-moe": args.num_experts, "dualprompt": 0, "model-tailor": 1}[args.method],
+                    image_side=False, coupled=True, kd=False)
     n_text = args.num_experts if args.text_moe else 1
     return dict(n_text=n_text, image_side=args.visual_adapter, coupled=False, kd=args.kd and args.visual_adapter)
 
@@ -396,22 +534,38 @@ def route_for(batch: Dict[str, torch.Tensor], scheme: dict, stream: str, officia
     return torch.ones_like(m) if stream == "gen" else m
 
 
-def add_experts(model: UnifiedLM, args: Args, scheme: dict) -> List[nn.Parameter]:
-    """Freeze every base weight, insert experts on the MLP gate/up/down; return the trainable parameters."""
+def add_experts(model: UnifiedLM, args: Args, scheme: dict, n_tasks: int = 1) -> List[nn.Parameter]:
+    """Freeze every base weight, insert experts on the MLP gate/up/down (DualPrompt: a prompt pool of n_tasks);
+    return the trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.expert_layers():
-        layer.add_experts(args.lora_rank, args.lora_alpha, args.lora_dropout, scheme["n_text"], scheme["image_side"])
+    n, split = scheme["n_text"], args.moe_split_rank and scheme["n_text"] > 1
+    for layer in model.expert_layers() if n > 0 else []:
+        layer.add_experts(args.lora_rank, args.lora_alpha, args.lora_dropout, n, scheme["image_side"],
+                          r_text=args.lora_rank // n if split else None, patch=args.method == "model-tailor")
+    if args.method == "dualprompt":
+        model.prompts = Prompts(n_tasks, model.tok.embedding_dim, args.dp_g_layers,
+                                args.dp_e_layers, args.dp_g_length, args.dp_e_length).to(model.tok.weight.device)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def split_params(model: UnifiedLM):
-    """(text-side parameters: T-MoE / shared LoRA + routers, image-side parameters: V-Adapter)."""
-    text, image = [], []
-    for layer in model.expert_layers():
+    """(text-side parameters: T-MoE / shared LoRA + routers / DualPrompt's prompts, image-side: V-Adapter)."""
+    text, image = [] if model.prompts is None else list(model.prompts.parameters()), []
+    for layer in model.expert_layers() if model.prompts is None else []:
         text += [layer.A_t, layer.B_t] + (list(layer.router.parameters()) if layer.router is not None else [])
         image += [layer.A_v, layer.B_v] if layer.image_side else []
     return text, image
+
+
+def run(model, batch: Dict[str, torch.Tensor], route) -> torch.Tensor:
+    """The model on a batch, with DualPrompt's prefixes where the model has them (`prompt_for`)."""
+    return model(batch["tokens"], route, prompt_for(model, batch["tokens"], query_pos(batch)))
+
+
+def query_pos(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last input position before the first target (<q:task> for VQA, <boi> for text-to-image)."""
+    return batch["loss_mask"][:, 1:].int().argmax(1)
 
 
 def kd_student(model, ref_batch, scheme, kd_gen: Optional[torch.Generator]) -> torch.Tensor:
@@ -428,8 +582,10 @@ def kd_student(model, ref_batch, scheme, kd_gen: Optional[torch.Generator]) -> t
 
 def task_step_loss(model, task_batch, ref_batch, scheme, args, image_lo, kd_gen=None):
     """Eq. (L_total): L = L_CE(task) + lambda * L_KD(reference); KD reaches only the V-Adapter."""
-    ce = lm_loss(model(task_batch["tokens"], route_for(task_batch, scheme, "task")), task_batch, image_lo)
+    ce = lm_loss(run(model, task_batch, route_for(task_batch, scheme, "task")), task_batch, image_lo)
     kd = torch.zeros((), device=ce.device)
+    if model.prompts is not None:  # DualPrompt's pull constraint on the trained task's key
+        return ce - args.dp_pull * pull_cosine(model, task_batch["tokens"], query_pos(task_batch)), ce, kd
     if scheme["kd"]:
         with torch.no_grad():
             teacher = model(ref_batch["tokens"], None)  # frozen pre-trained model = experts bypassed
@@ -455,8 +611,8 @@ def gradient_conflict(model, task_batch, ref_batch, scheme, image_lo) -> dict:
     model.eval()
     text, image = split_params(model)
     params = text + image
-    l_t = lm_loss(model(task_batch["tokens"], route_for(task_batch, scheme, "task")), task_batch, image_lo)
-    l_v = lm_loss(model(ref_batch["tokens"], route_for(ref_batch, scheme, "gen")), ref_batch, image_lo)
+    l_t = lm_loss(run(model, task_batch, route_for(task_batch, scheme, "task")), task_batch, image_lo)
+    l_v = lm_loss(run(model, ref_batch, route_for(ref_batch, scheme, "gen")), ref_batch, image_lo)
     g_t, g_v = _flat_grad(l_t, params), _flat_grad(l_v, params)
     model.train(was_training)
     n_text = sum(p.numel() for p in text)
@@ -464,6 +620,173 @@ def gradient_conflict(model, task_batch, ref_batch, scheme, image_lo) -> dict:
             "cos_image_side": _cos(g_t[n_text:], g_v[n_text:]) if image else None,
             "dot": float(g_t @ g_v), "gen_grad_norm": float(g_v.norm()),
             "gen_grad_norm_text_side": float(g_v[:n_text].norm())}
+
+
+# ----------------------------------------------------------------------------- baselines
+def before_task(model: UnifiedLM, args: Args, k: int) -> None:
+    """CL-MoE starts task k's usage counts; DualPrompt trains E-prefix k, initialised from E-prefix k-1 (the
+    shared-pool option; keys are not copied; dualprompt-pytorch engine.py:184-204)."""
+    if args.method == "cl-moe":
+        for layer in model.expert_layers():
+            layer.usage = torch.zeros(layer.n_text, device=layer.base.weight.device)
+    if args.method == "dualprompt":
+        model.prompts.task = k
+        if k > 0:
+            with torch.no_grad():
+                model.prompts.e[k] = model.prompts.e[k - 1]
+
+
+def after_task(model: UnifiedLM, args: Args, streams, k: int, task: str, gens, state: dict, snapshots) -> None:
+    """Post-task step of each baseline, before row k is scored: CL-MoE's merge, DualPrompt's key release,
+    Model Tailor's tailoring. `state` holds what later tasks need (checkpointed)."""
+    if args.method == "cl-moe":
+        state["usage"].append(sum(layer.usage for layer in model.expert_layers()).cpu())
+        for layer in model.expert_layers():
+            layer.usage = None
+        if k > 0:
+            clmoe_merge(model.expert_layers(), snapshots[-1], state["usage"][-2], state["usage"][-1],
+                        args.clmoe_momentum, args.clmoe_top)
+    if args.method == "dualprompt":
+        model.prompts.task = None
+        model.prompts.seen.fill_(k + 1)
+    if args.method == "model-tailor":
+        calib = sample_batch(streams[f"{task}_train"], args.tailor_samples, gens["tailor"])
+        tailor_model(model, calib, args, common.derive_seed(args.seed, f"init/tailor/{k}"))
+
+
+# CL-MoE (ECNU-ICALK/CL-MoE as released: moe-lora's layout, usage counts, momentum merge of the expert weights)
+def top_experts(usage: torch.Tensor, m: int) -> set:
+    """The m most used experts with a nonzero count (statistic.py:29-64)."""
+    return {int(e) for e in usage.argsort(descending=True, stable=True)[:m] if usage[e] > 0}
+
+
+@torch.no_grad()
+def clmoe_merge(layers, old: List[dict], usage_old, usage_new, momentum: float, m: int) -> None:
+    """Eq. (CL-MoE merge, params.py:21-46, as intended): expert e = a * old + (1 - a) * new with a = 1 - momentum
+    for experts only the old task used, else momentum; A and B merged separately; routers stay new."""
+    top_old, top_new = top_experts(usage_old, m), top_experts(usage_new, m)
+    for layer, snap in zip(layers, old):
+        for e in range(layer.n_text):
+            a = 1 - momentum if e in top_old and e not in top_new else momentum
+            for name in ("A_t", "B_t"):
+                p = getattr(layer, name)
+                p[e] = a * snap[name][e] + (1 - a) * p[e]
+
+
+# DualPrompt (google-research/l2p configs; mechanics as in JH-LEE-KR/dualprompt-pytorch)
+@torch.no_grad()
+def dp_query(model: UnifiedLM, tokens: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """The frozen pre-trained model's final normed hidden state at the last input position (prefix-free, experts
+    bypassed, no dropout; dualprompt-pytorch engine.py:49-56 takes the [cls] feature)."""
+    return model.hidden(tokens)[torch.arange(len(tokens), device=tokens.device), q_pos]
+
+
+def prompt_for(model: UnifiedLM, tokens: torch.Tensor, q_pos: torch.Tensor) -> Optional[torch.Tensor]:
+    """E-prefix index per sample: the task in training, else the key most similar to the query (top-1, per sample)
+    among the tasks trained so far; None without prompts or before the first task (row 0 is prefix-free)."""
+    p = model.prompts
+    if p is None or (p.task is None and int(p.seen) == 0):
+        return None
+    if p.task is not None:
+        return torch.full((len(tokens),), p.task, dtype=torch.long, device=tokens.device)
+    q, keys = dp_query(model, tokens, q_pos), p.keys[: int(p.seen)].detach()
+    return F.cosine_similarity(q.unsqueeze(1), keys.unsqueeze(0), dim=-1).argmax(1)
+
+
+def pull_cosine(model: UnifiedLM, tokens: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Pull constraint (dualprompt-pytorch prompt.py:136-141): mean cos(key of the task in training, query)."""
+    key = model.prompts.keys[model.prompts.task]
+    return F.cosine_similarity(key.unsqueeze(0), dp_query(model, tokens, q_pos), dim=-1).mean()
+
+
+@torch.no_grad()
+def dp_selection_acc(model: UnifiedLM, stream: Dict[str, torch.Tensor], j: int) -> Optional[float]:
+    """Percent of task j's test sequences whose query selects E-prefix j (None before the first task)."""
+    sel = prompt_for(model, stream["tokens"], query_pos(stream))
+    return None if sel is None else 100.0 * float((sel == j).float().mean())
+
+
+# Model Tailor (didizhu-zju/Model-Tailor as released: sparse compensated patch of the change after each task)
+def obs_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """U = upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dead inputs get H_ii = 1 (sparsegpt.py:44-87)."""
+    H = H.clone()
+    dead = H.diag() == 0
+    H[dead, dead] = 1.0
+    H += damp * H.diag().mean() * torch.eye(len(H), dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def z_row(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-12)
+
+
+def tailor_keep_mask(w: torch.Tensor, w_pre: torch.Tensor, u_diag: torch.Tensor, keep: float, score: str):
+    """Bool mask of the exactly floor(keep * numel) most important entries of one block (sparsegpt.py:114-125):
+    official = 0.8 z_row(|W - W_pre|) + 0.2 z_row(W^2 / U_ii^2); obs = (W - W_pre)^2 / U_ii^2."""
+    d = w - w_pre
+    s = 0.8 * z_row(d.abs()) + 0.2 * z_row(w ** 2 / u_diag ** 2) if score == "official" else d ** 2 / u_diag ** 2
+    mask = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+    mask[s.flatten().topk(math.floor(keep * s.numel() + 1e-9)).indices] = True
+    return mask.view_as(s)
+
+
+def tailor_linear(w_pre, w_ft, H, keep: float, sign: float = -1.0, damp: float = 0.01, score: str = "official",
+                  block: int = TAILOR_BLOCK) -> torch.Tensor:
+    """Model Tailor's weight of one linear (sparsegpt.py fasterprune as released), in float64: per block of columns
+    keep the most important `keep` share of the change, revert the rest to W_pre column by column and move each
+    column's error onto the later columns by OBS (sign -1: SparseGPT's W -= err U; +1: the release's +=; 0: none)."""
+    W, W0, U = w_ft.double().clone(), w_pre.double(), obs_factor(H.double(), damp)
+    for i1 in range(0, W.shape[1], block):
+        i2 = min(i1 + block, W.shape[1])
+        kept = tailor_keep_mask(W[:, i1:i2], W0[:, i1:i2], U.diag()[i1:i2], keep, score)
+        err = torch.zeros_like(W[:, i1:i2])
+        for i in range(i1, i2):
+            q = torch.where(kept[:, i - i1], W[:, i], W0[:, i])
+            err[:, i - i1] = (W[:, i] - q) / U[i, i]
+            W[:, i] = q
+            W[:, i + 1:i2] += sign * err[:, i - i1, None] * U[i, i + 1:i2]
+        W[:, i2:] += sign * err @ U[i1:i2, i2:]
+    return W.to(w_ft.dtype)
+
+
+def layer_inputs(model: UnifiedLM, layers: List[ExpertLinear], tokens: torch.Tensor, route) -> List[torch.Tensor]:
+    """The inputs each of `layers` receives in one forward of `tokens` (forward hooks)."""
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append((module, inputs[0]))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        model(tokens, route)
+    finally:
+        for h in handles:
+            h.remove()
+    return [next(x for m, x in seen if m is layer) for layer in layers]
+
+
+@torch.no_grad()
+def tailor_model(model: UnifiedLM, calib: Dict[str, torch.Tensor], args: Args, init_seed: int) -> None:
+    """Model Tailor after a task (main_model_tailor.py:879-934), block by block with earlier blocks tailored:
+    H = 2/n sum x x^T over the non-pad calibration positions, the merged weight tailored, the result kept as
+    the frozen patch, then the LoRA restarts (A re-drawn from init_seed, B = 0)."""
+    was_training, g = model.training, torch.Generator().manual_seed(init_seed)
+    model.eval()
+    route, valid = torch.zeros_like(calib["tokens"]), calib["tokens"] != 0
+    sign = 1.0 if args.official_tailor_sign else -1.0
+    for blk in model.blocks:
+        layers = [blk.gate, blk.up, blk.down]
+        for layer, x in zip(layers, layer_inputs(model, layers, calib["tokens"], route)):
+            x = x[valid].double()
+            w_pre = layer.base.weight + layer.patch
+            w_ft = w_pre + layer.scale * (layer.A_t[0] @ layer.B_t[0]).T
+            w_new = tailor_linear(w_pre, w_ft, 2 * x.T @ x / len(x), args.tailor_keep, sign, args.tailor_damp,
+                                  args.tailor_score)
+            layer.patch.copy_(w_new - layer.base.weight)
+            bound = 1 / math.sqrt(layer.base.in_features)
+            layer.A_t.copy_(torch.empty(layer.A_t.shape).uniform_(-bound, bound, generator=g))
+            layer.B_t.zero_()
+    model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -506,7 +829,7 @@ def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, 
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         with restoring(model, restore, b["modality"]):
-            raw = model(b["tokens"], route_for(b, scheme, "eval", official))[:, :-1]
+            raw = run(model, b, route_for(b, scheme, "eval", official))[:, :-1]
         common.require_finite(raw, "vqa accuracy logits", where)
         targets, mask = b["tokens"][:, 1:], b["loss_mask"][:, 1:].bool()
         logits = restrict_logits(raw, targets, image_lo)
@@ -521,7 +844,7 @@ def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> floa
     tot, n = 0.0, 0
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
-        logits = model(b["tokens"], route_for(b, scheme, "gen"))
+        logits = run(model, b, route_for(b, scheme, "gen"))
         common.require_finite(logits, "gen_nll logits", where)
         k = int(b["loss_mask"][:, 1:].sum())
         tot, n = tot + float(lm_loss(logits, b, image_lo)) * k, n + k
@@ -532,9 +855,11 @@ def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> floa
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
     """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle."""
     seq = prompts.clone()
+    last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
+    sel = prompt_for(model, prompts, last)  # DualPrompt: selected once, from the input
     for i in range(gumbel.shape[1]):
         route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
-        logits = model(seq, route)[:, -1, image_lo:]
+        logits = model(seq, route, sel)[:, -1, image_lo:]
         common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
     ok, col, shp = data.mode_read_image(seq[:, prompts.shape[1]:].cpu().numpy())
@@ -550,6 +875,8 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
         acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], where=f"{where} {t}")
                for t in tasks]
         row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
+    if model.prompts is not None:
+        row["dp_selection_acc"] = [dp_selection_acc(model, streams[f"{t}_test"], j) for j, t in enumerate(tasks)]
     row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
     row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
@@ -558,7 +885,10 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
 
 def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
     """Where the forgetting flows (E1, closed-set): after the last task, the experts as applied at image (or text)
-    tokens are restored to their state right after task j, and task j is scored; 'both' restores every token."""
+    tokens are restored to their state right after task j, and task j is scored; 'both' restores every token.
+    None for DualPrompt (no per-token adapters)."""
+    if scheme["n_text"] == 0:
+        return None
     model.eval()
     old = range(len(tasks) - 1)
     out = {"lost": [R[j + 1][j] - R[-1][j] for j in old]}
@@ -571,6 +901,8 @@ def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots
 
 def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
     """Sum_j (restored_j - R[T][j]) / Sum_j (R[j+1][j] - R[T][j]) over j < T-1; None when nothing was lost."""
+    if attr is None:
+        return None
     lost = sum(attr["lost"])
     return None if lost <= 0 else sum(r - R[-1][j] for j, r in enumerate(attr[f"restored_{path}"])) / lost
 
@@ -624,7 +956,8 @@ def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, sou
     return model, sw.total, path
 
 
-def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, scheme: dict, ckpt, loggers):
+def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, scheme: dict, ckpt, loggers,
+          n_tasks: int):
     """The pre-trained model with the method's experts: (model, trainable, base hashes, pretrain s, cache path).
     --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed."""
     if ckpt is None:
@@ -635,7 +968,7 @@ def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, sc
         model, pretrain_s, cache = new_model(args, vocab, device), ckpt["timing"]["pretrain"], ckpt["pretrain_cache"]
     # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
     torch.manual_seed(common.derive_seed(args.seed, "init/experts"))
-    trainable = add_experts(model, args, scheme)
+    trainable = add_experts(model, args, scheme, n_tasks)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     base = base_hashes(model) if ckpt is None else ckpt["base_sha1"]
@@ -658,25 +991,28 @@ def generation_probe(args: Args, np_streams, streams, vocab: int, image_lo: int,
 # ----------------------------------------------------------------------------- continual training
 def generators(seed: int, gen: torch.Generator) -> Dict[str, torch.Generator]:
     """Common random numbers: one generator per purpose, seeded from (seed, purpose), so every method draws the
-    same task batches whatever else it samples (KD batches and their dropout, gradient checks)."""
+    same task batches whatever else it samples (KD batches and their dropout, gradient checks, tailoring)."""
     gens = {"batches": gen.manual_seed(common.derive_seed(seed, "batches"))}
-    return gens | {p: torch.Generator().manual_seed(common.derive_seed(seed, p)) for p in ("reference", "conflict")}
+    purposes = ("reference", "conflict", "tailor")
+    return gens | {p: torch.Generator().manual_seed(common.derive_seed(seed, p)) for p in purposes}
 
 
 def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args, image_lo: int, gens, loggers,
                conflicts: list) -> None:
-    """METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task."""
+    """METHOD LOGIC: one adapter set carried across tasks; optimizer and schedule restarted per task
+    (DualPrompt: its official constant lr and clipping; AdamW with weight decay 0 is Adam)."""
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    dp = args.method == "dualprompt"
     sums, t0 = torch.zeros(3, device=streams[f"{task}_train"]["tokens"].device), time.perf_counter()
     for step in range(args.steps_per_task):
         for g in opt.param_groups:
-            g["lr"] = args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
+            g["lr"] = args.dp_lr if dp else args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
         tb = sample_batch(streams[f"{task}_train"], args.batch_size, gens["batches"])
         rb = sample_batch(streams["reference_train"], args.kd_batch_size, gens["reference"]) if scheme["kd"] else None
         loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        nn.utils.clip_grad_norm_(trainable, args.dp_max_grad_norm if dp else args.max_grad_norm)
         opt.step()
         sums += torch.stack([loss, ce, kd]).detach()  # device-side sums: no host sync per step on a GPU
         log = (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task
@@ -775,8 +1111,25 @@ def validate(args: Args) -> None:
         common.require(getattr(args, f) > 0, f, f"must be > 0 (got {getattr(args, f)})")
     common.require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {args.lora_dropout})")
     common.require(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}")
+    validate_baselines(args)
     common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
                    f"must be >= 24 for the built-in data (its sequences have 24 tokens; got {args.max_len})")
+
+
+def validate_baselines(args: Args) -> None:
+    for f in ("clmoe_top", "dp_g_length", "dp_e_length", "tailor_samples"):
+        common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
+    for f in ("dp_lr", "dp_max_grad_norm", "tailor_damp"):
+        common.require(getattr(args, f) > 0, f, f"must be > 0 (got {getattr(args, f)})")
+    common.require(args.dp_pull >= 0, "dp_pull", f"must be >= 0 (got {args.dp_pull})")
+    for f in ("clmoe_momentum", "tailor_keep"):
+        common.require(0 <= getattr(args, f) <= 1, f, f"must be in [0, 1] (got {getattr(args, f)})")
+    for f in ("dp_g_layers", "dp_e_layers") if args.method == "dualprompt" else ():
+        v = getattr(args, f)
+        common.require(len(set(v)) == len(v) and all(0 <= i < args.n_layers for i in v), f,
+                       f"must be distinct layers in [0, --n-layers {args.n_layers}) (got {list(v)})")
+    common.require(not args.moe_split_rank or args.lora_rank % args.num_experts == 0, "moe_split_rank",
+                   f"needs --lora-rank {args.lora_rank} divisible by --num-experts {args.num_experts}")
 
 
 def main(args: Args) -> dict:
@@ -798,16 +1151,17 @@ def main(args: Args) -> dict:
     streams = {k: to_tensors({f: v[f] for f in FIELDS}, device) for k, v in np_streams.items()}
     scheme = scheme_of(args)
     model, trainable, base_sha1, pretrain_s, cache = build(args, np_streams, streams, vocab, image_lo, device,
-                                                           scheme, ckpt, loggers)
+                                                           scheme, ckpt, loggers, len(tasks))
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
         rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
                                                      "row 0")], [], [], 0
+        state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
-        rows, conflicts, done = ckpt["rows"], ckpt["conflicts"], ckpt["done"]
+        rows, conflicts, done, state = ckpt["rows"], ckpt["conflicts"], ckpt["done"], ckpt["method_state"]
         snapshots = [[{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in snap]
                      for snap in ckpt["snapshots"]]
         train_sw.total, eval_sw.total = ckpt["timing"]["train"], ckpt["timing"]["eval"]
@@ -815,8 +1169,10 @@ def main(args: Args) -> dict:
         print(f"resumed {run_dir} after task {done}/{T}")
     for k in range(done, T):
         task = tasks[k]
+        before_task(model, args, k)
         with train_sw:
             train_task(model, trainable, streams, k, task, scheme, args, image_lo, gens, loggers, conflicts)
+            after_task(model, args, streams, k, task, gens, state, snapshots)
         snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}"))
@@ -828,8 +1184,8 @@ def main(args: Args) -> dict:
                        os.path.join(run_dir, f"model_after_{task}.pt"))
         common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
             "model": model.state_dict(), "rng": common.rng_state(gens), "rows": rows,
-            "conflicts": conflicts, "snapshots": snapshots, "base_sha1": base_sha1, "pretrain_cache": cache,
-            "timing": timing})
+            "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
+            "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results
     with eval_sw:
@@ -840,7 +1196,8 @@ def main(args: Args) -> dict:
     print_results(rows, tasks, summary, timing)
     gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
     extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "path_attribution": attr,
-             "scheme": scheme,
+             "scheme": scheme, "clmoe_usage": [u.tolist() for u in state["usage"]] or None,
+             "dp_selection_acc": [r["dp_selection_acc"] for r in rows] if model.prompts is not None else None,
              "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
              "base_weights_unchanged": base_hashes(model) == base_sha1}
     res = common.results_envelope(

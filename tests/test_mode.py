@@ -169,9 +169,9 @@ def test_model_overfits_a_tiny_batch_in_both_directions():
 class FixedLogits(torch.nn.Module):
     def __init__(self, logits):
         super().__init__()
-        self.logits = logits
+        self.logits, self.prompts = logits, None
 
-    def forward(self, tokens, route=None):
+    def forward(self, tokens, route=None, prompt=None):
         return self.logits.expand(len(tokens), -1, -1)
 
 
@@ -233,6 +233,10 @@ def test_method_and_variant_tags():
     assert [mode.method_tag(a) for a in (A(), A(kd=False), A(text_moe=False, official_kd_all_positions=True),
                                          A(method="seq-lora"), A(method="seq-lora", kd=False))] == \
         ["mode", "mode+no-kd", "mode+no-text-moe+official-kd-all-positions", "seq-lora", "seq-lora"]
+    split = [A(method="cl-moe", moe_split_rank=True), A(moe_split_rank=True), A(text_moe=False, moe_split_rank=True),
+             A(method="seq-lora", moe_split_rank=True), A(method="model-tailor", official_tailor_sign=True)]
+    assert [mode.method_tag(a) for a in split] == ["cl-moe+moe-split-rank", "mode+moe-split-rank", "mode+no-text-moe",
+                                                   "seq-lora", "model-tailor+official-tailor-sign"]
     variant = [common.tag(a, mode.VARIANT_FIELDS, A()) for a in (A(seed=5, out_dir="x", num_threads=2, log_every=3),
                                                                  A(lr=1e-3, num_tasks=2))]
     assert variant == ["", "lr=0.001,num_tasks=2"]  # infra flags never enter it
@@ -460,6 +464,9 @@ BAD_ARGS = [
     (dict(conflict_every=-1), "--conflict-every"), (dict(conflict_batch_size=0), "--conflict-batch-size"),
     (dict(d_ff=0), "--d-ff"), (dict(lora_alpha=0.0), "--lora-alpha"), (dict(kd_temperature=0.0), "--kd-temperature"),
     (dict(max_len=16), "--max-len"), (dict(num_threads=-1), "--num-threads"), (dict(lr=float("nan")), "--lr"),
+    (dict(moe_split_rank=True, lora_rank=6), "--moe-split-rank"), (dict(clmoe_momentum=1.5), "--clmoe-momentum"),
+    (dict(method="dualprompt", dp_e_layers=(1, 4)), "--dp-e-layers"), (dict(dp_lr=0.0), "--dp-lr"),
+    (dict(tailor_keep=-0.1), "--tailor-keep"), (dict(tailor_samples=0), "--tailor-samples"),
 ]
 
 
@@ -506,17 +513,18 @@ def test_task_batches_are_paired_across_methods(tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(mode, "sample_batch", recording)
-    purpose = {common.derive_seed(1, p): p for p in ("batches", "reference", "conflict")} | {2: "pretrain"}
-    seqs = {}
-    for method in ("mode", "seq-lora", "moe-lora"):
+    purpose = {common.derive_seed(1, p): p for p in ("batches", "reference", "conflict", "tailor")} | {2: "pretrain"}
+    seqs, methods = {}, ("mode", "seq-lora", "moe-lora", *mode.BASELINES)
+    own = {"mode": {"reference"}, "model-tailor": {"tailor"}}
+    for method in methods:
         drawn.clear()
         mode.main(mode.Args(**{**SMALL, "conflict_every": 1}, method=method, pretrain_cache_dir=str(tmp_path / "c"),
-                            out_dir=str(tmp_path / method)))
+                            out_dir=str(tmp_path / method), dp_e_layers=(0,)))
         seqs[method] = [t for s, t in drawn if purpose[s] == "batches"]
         used = {purpose[s] for s, _ in drawn} - {"pretrain"}
-        assert used == ({"batches", "reference", "conflict"} if method == "mode" else {"batches", "conflict"})
+        assert used == {"batches", "conflict"} | own.get(method, set())
     assert len(seqs["mode"]) == SMALL["steps_per_task"] * SMALL["num_tasks"]
-    for method in ("seq-lora", "moe-lora"):  # the KD batches and gradient checks draw from their own generators
+    for method in methods[1:]:  # KD batches, gradient checks, tailoring calibration draw from their own generators
         assert all(torch.equal(a, b) for a, b in zip(seqs["mode"], seqs[method], strict=True))
 
 
@@ -532,3 +540,262 @@ def test_kd_forward_leaves_the_task_dropout_stream_untouched():
         states[method, kd_gen is None] = torch.get_rng_state()
     assert torch.equal(states["mode", False], states["seq-lora", True])
     assert not torch.equal(states["mode", True], states["seq-lora", True])  # an un-forked KD forward would draw
+
+
+# ----------------------------------------------------------------------------- baselines
+def baseline_model(method, seed=0, n_tasks=3, **kw):
+    args = mode.Args(method=method, dp_e_layers=(1,), **kw)
+    model, scheme = tiny_model(seed), mode.scheme_of(args)
+    trainable = mode.add_experts(model, args, scheme, n_tasks)
+    return model, scheme, args, trainable
+
+
+def test_clmoe_merge_arithmetic_and_endpoints():
+    model, _, _, _ = baseline_model("cl-moe")
+    perturb_experts(model)
+    old = mode.expert_snapshot(model)
+    perturb_experts(model)
+    with torch.no_grad():
+        for layer in model.expert_layers():
+            layer.A_t.normal_()
+            layer.router.weight.normal_()
+    new = mode.expert_snapshot(model)
+    used_old, used_new = torch.tensor([5.0, 3.0, 0.0, 2.0]), torch.tensor([4.0, 0.0, 0.0, 6.0])  # expert 1: old only
+    mode.clmoe_merge(model.expert_layers(), old, used_old, used_new, 0.7, 8)
+    for layer, o, n in zip(model.expert_layers(), old, new):
+        for name in ("A_t", "B_t"):
+            for e in range(4):
+                a = 0.3 if e == 1 else 0.7
+                torch.testing.assert_close(getattr(layer, name)[e], a * o[name][e] + (1 - a) * n[name][e],
+                                           atol=1e-7, rtol=0)
+        assert torch.equal(layer.router.weight, n["router"])  # routers come from the new model
+    for momentum, want in ((1.0, old), (0.0, new)):  # endpoints, bit for bit
+        mode.clmoe_merge(model.expert_layers(), new, used_new, used_new, 1.0, 8)  # reset to `new`
+        mode.clmoe_merge(model.expert_layers(), old, used_new, used_new, momentum, 8)
+        assert all(torch.equal(getattr(layer, k), w[k]) for layer, w in zip(model.expert_layers(), want)
+                   for k in ("A_t", "B_t"))
+    assert mode.top_experts(torch.tensor([0.0, 9.0, 1.0, 5.0]), 2) == {1, 3}
+
+
+def test_clmoe_usage_counts_top2_of_training_forwards_only():
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0], [1.0, 2.5, -2.0, 0.0]])
+    assert mode.top2_usage(torch.softmax(logits, -1)).tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert mode.top2_usage(torch.full((5, 4), 0.25)).tolist() == [0.0] * 4  # all tied: nothing counted
+    model, _, _, _ = baseline_model("cl-moe")
+    mode.before_task(model, mode.Args(method="cl-moe"), 0)
+    tokens = torch.randint(0, data.MODE_IMAGE_LO, (3, 8))
+    with torch.no_grad():
+        for layer in model.expert_layers():
+            layer.router.weight.zero_()
+        model(tokens, torch.zeros_like(tokens))  # zero routers: every token tied
+        assert all(layer.usage.sum() == 0 for layer in model.expert_layers())
+        for layer in model.expert_layers():
+            layer.router.weight.normal_()
+        model.eval()
+        model(tokens, torch.zeros_like(tokens))  # evaluation forwards do not count
+        assert all(layer.usage.sum() == 0 for layer in model.expert_layers())
+        model.train()
+        model(tokens, torch.zeros_like(tokens))
+    assert all(layer.usage.sum() == 2 * tokens.numel() for layer in model.expert_layers())
+
+
+def test_dualprompt_prompt_isolation_and_shared_pool_init():
+    _, S = streams()
+    model, scheme, args, trainable = baseline_model("dualprompt", dp_lr=0.03)
+    tokens, route = S["gqa_test"]["tokens"][:8], torch.zeros(8, 24, dtype=torch.long)
+    model.eval()
+    out = {j: model(tokens, route, torch.full((8,), j)) for j in range(3)}
+    with torch.no_grad():
+        model.prompts.e[1].normal_()  # changing task 1's prefix leaves outputs under prefixes 0 and 2 unchanged
+    assert all(torch.equal(model(tokens, route, torch.full((8,), j)), out[j]) for j in (0, 2))
+    assert not torch.equal(model(tokens, route, torch.full((8,), 1)), out[1])
+    model.train()
+    mode.before_task(model, args, 1)
+    assert torch.equal(model.prompts.e[1], model.prompts.e[0])  # E-prefix k starts from E-prefix k-1
+    before = {k: v.detach().clone() for k, v in model.prompts.named_parameters()}
+    opt = torch.optim.AdamW(trainable, lr=args.dp_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        loss, _, _ = mode.task_step_loss(model, mode.sample_batch(S["gqa_train"], 8, g), None, scheme, args,
+                                         data.MODE_IMAGE_LO)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = dict(model.prompts.named_parameters())
+    for name, others in (("e", (0, 2)), ("keys", (0, 2))):
+        assert all(torch.equal(p[name][j], before[name][j]) for j in others)
+        assert not torch.equal(p[name][1], before[name][1])
+    assert not torch.equal(p["g"], before["g"])
+
+
+def test_dualprompt_prefixes_are_causal_and_visible_to_the_first_token():
+    model, _, _, _ = baseline_model("dualprompt")
+    model.eval()
+    tokens = torch.randint(0, data.MODE_IMAGE_LO, (4, 12))
+    route, sel = torch.zeros_like(tokens), torch.tensor([0, 1, 2, 1])
+    base = model(tokens, route, sel)
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % data.MODE_IMAGE_LO
+    assert torch.equal(model(changed, route, sel)[:, :7], base[:, :7])  # prefixes precede tokens causally
+    assert not torch.equal(model(changed, route, sel)[:, 7:], base[:, 7:])
+    assert not torch.equal(model(tokens, route, sel)[:, 0], model(tokens, route)[:, 0])  # token 0 sees the prefix
+    with torch.no_grad():
+        model.prompts.e[0, 0, 1, :, :8] += 50.0  # one value slot of one head
+    assert not torch.equal(model(tokens, route, sel)[0, 0], base[0, 0])
+    model.prompts.seen.fill_(3)
+    q_pos = torch.full((4,), 6)
+    assert torch.equal(mode.prompt_for(model, tokens, q_pos), mode.prompt_for(model, changed, q_pos))
+    assert torch.equal(mode.prompt_for(model, tokens[:, :7], q_pos), mode.prompt_for(model, tokens, q_pos))
+
+
+def test_dualprompt_key_query_selection_picks_the_trained_task():
+    _, S = streams()
+    tasks = ["scienceqa", "gqa", "vizwiz"]
+    model, scheme, args, _ = baseline_model("dualprompt")
+    opt = torch.optim.AdamW([model.prompts.keys], lr=args.dp_lr, weight_decay=0.0)
+    for k, t in enumerate(tasks):
+        mode.before_task(model, args, k)
+        b = S[f"{t}_train"]
+        start = float(mode.pull_cosine(model, b["tokens"], mode.query_pos(b)).detach())
+        for _ in range(40):  # the pull constraint alone
+            loss = -mode.pull_cosine(model, b["tokens"], mode.query_pos(b))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert float(mode.pull_cosine(model, b["tokens"], mode.query_pos(b)).detach()) > start
+        mode.after_task(model, args, S, k, t, {}, {}, [])
+    for j, t in enumerate(tasks):
+        assert mode.dp_selection_acc(model, S[f"{t}_test"], j) > 90
+    ref = S["reference_test"]  # generation selects once from the prompt = the teacher-forced selection
+    assert torch.equal(mode.prompt_for(model, ref["tokens"][:, :5], torch.full((64,), 4)),
+                       mode.prompt_for(model, ref["tokens"], mode.query_pos(ref)))
+    assert (mode.query_pos(ref) == 4).all()
+
+
+def correlated_layer(seed=0, n=2048, d_in=64, d_out=32):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g) @ torch.randn(8, d_in, generator=g) + 0.3 * torch.randn(n, d_in, generator=g)
+    W0 = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    return X, W0, W0 + 0.05 * torch.randn(d_out, d_in, generator=g), 2 * X.T @ X / n
+
+
+def test_tailor_identity_and_patch_size():
+    X, W0, Wf, H = correlated_layer(d_in=200, d_out=256)  # two blocks of columns: 128 + 72
+    for score in ("official", "obs"):
+        assert torch.equal(mode.tailor_linear(W0, Wf, H, 1.0, score=score), Wf)
+        assert torch.equal(mode.tailor_linear(W0, Wf, H, 0.0, score=score), W0)
+        W = mode.tailor_linear(W0, Wf, H, 0.1, score=score)
+        for i1, i2 in ((0, 128), (128, 200)):
+            share = float((W[:, i1:i2] != W0[:, i1:i2]).float().mean())
+            assert 0.1 - 1 / (256 * (i2 - i1)) <= share <= 0.1
+
+
+def test_tailor_compensation_sign_pinned_on_correlated_inputs():
+    X, W0, Wf, H = correlated_layer()  # mode_next appendix B
+
+    def mse(sign):
+        return float(((X @ (mode.tailor_linear(W0, Wf, H, 0.1, sign) - Wf).T) ** 2).mean())
+
+    sparsegpt, none, release = mse(-1.0), mse(0.0), mse(1.0)
+    assert sparsegpt < 0.9 * none and none < 0.9 * release
+
+
+def test_tailor_model_keeps_base_zeroes_lora_and_applies_the_patch():
+    _, S = streams()
+    model, scheme, args, _ = baseline_model("model-tailor")
+    base = {k: v.clone() for k, v in model.state_dict().items() if not mode.is_expert(k)}
+    perturb_experts(model)
+    mode.tailor_model(model, S["gqa_train"], args, 0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    for layer in model.expert_layers():
+        assert not layer.B_t.any() and 0 < float((layer.patch != 0).float().mean()) <= 0.1 + 1e-9
+    model.eval()
+    tokens = S["gqa_test"]["tokens"]
+    patched = tiny_model()
+    with torch.no_grad():
+        for layer, ref in zip(model.expert_layers(), patched.expert_layers()):
+            ref.base.weight += layer.patch
+    torch.testing.assert_close(model(tokens, torch.zeros_like(tokens)), patched(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_split_rank_matches_seq_lora_capacity_and_scale():
+    def count(**kw):
+        args = mode.Args(**kw)
+        model = mode.UnifiedLM(data.MODE_VOCAB, 128, 4, 4, 256, 32)
+        trainable = mode.add_experts(model, args, mode.scheme_of(args))
+        experts = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "router" not in n)
+        return sum(p.numel() for p in trainable), experts
+
+    assert count(method="seq-lora") == (36864, 36864)
+    assert count(method="moe-lora", moe_split_rank=True) == (45056, 36864)  # + 4 * in router weights per linear
+    assert count(method="cl-moe", moe_split_rank=True) == (45056, 36864)
+    assert count(method="moe-lora") == (155648, 147456) and count(moe_split_rank=True)[0] == 81920
+    split = mode.ExpertLinear(16, 24)
+    split.add_experts(8, 16.0, 0.0, 4, False, r_text=2)
+    lora = mode.ExpertLinear(16, 24)
+    lora.add_experts(8, 16.0, 0.0, 1, False)
+    with torch.no_grad():
+        lora.base.weight.copy_(split.base.weight)
+        lora.B_t.normal_()
+        split.router.weight.zero_()  # uniform 1/E mixture
+        for e in range(4):
+            split.A_t[e] = lora.A_t[0][:, 2 * e:2 * e + 2]
+            split.B_t[e] = lora.B_t[0][2 * e:2 * e + 2]
+    x = torch.randn(2, 5, 16)
+    route = torch.zeros(2, 5, dtype=torch.long)
+    y0 = split.base(x)
+    torch.testing.assert_close(split(x, route) - y0, (lora(x, route) - y0) / 4)
+
+
+def test_baselines_resume_is_bit_identical(tmp_path, monkeypatch):
+    class Crash(Exception):
+        pass
+
+    original, strip = common.save_checkpoint, ("timing_s", "run_name", "args", "env")
+
+    def crash_after_saving(*a, **kw):
+        original(*a, **kw)
+        raise Crash
+
+    kw = dict(SMALL, num_tasks=3, steps_per_task=3, conflict_every=2, dp_e_layers=(0,),
+              pretrain_cache_dir=str(tmp_path / "c"))
+    for method in mode.BASELINES:
+        ref = mode.main(mode.Args(**kw, method=method, out_dir=str(tmp_path / method)))
+        run = str(tmp_path / f"{method}-killed")
+        monkeypatch.setattr(common, "save_checkpoint", crash_after_saving)
+        with pytest.raises(Crash):
+            mode.main(mode.Args(**kw, method=method, out_dir=run))
+        monkeypatch.setattr(common, "save_checkpoint", original)
+        got = mode.main(mode.Args(**kw, method=method, out_dir=run, resume=run))
+        assert {k: v for k, v in got.items() if k not in strip} == {k: v for k, v in ref.items() if k not in strip}
+        assert got["extra"]["base_weights_unchanged"] and got["method"] == method
+        assert (len(got["extra"]["clmoe_usage"] or []) == 3) == (method == "cl-moe")
+        assert (got["extra"]["path_attribution"] is None) == (method == "dualprompt")
+        assert (got["extra"]["dp_selection_acc"] is None) != (method == "dualprompt")
+
+
+def test_clmoe_end_to_end_merges_every_task_into_the_previous_one(tmp_path, monkeypatch):
+    snaps, pre, olds = [], [], []
+    snapshot, merge = mode.expert_snapshot, mode.clmoe_merge
+
+    def recording_snapshot(model):
+        snaps.append(snapshot(model))
+        return snaps[-1]
+
+    def recording_merge(layers, old, *rest):
+        pre.append([{k: getattr(layer, k).detach().clone() for k in ("A_t", "B_t")} for layer in layers])
+        olds.append(old)
+        merge(layers, old, *rest)
+
+    monkeypatch.setattr(mode, "expert_snapshot", recording_snapshot)
+    monkeypatch.setattr(mode, "clmoe_merge", recording_merge)
+    res = mode.main(mode.Args(**{**SMALL, "num_tasks": 3, "steps_per_task": 3}, method="cl-moe",
+                              pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "o")))
+    usage = res["extra"]["clmoe_usage"]
+    assert len(usage) == 3 and all(min(u) > 0 for u in usage)  # every expert used: 0.7 old + 0.3 new for all
+    assert len(pre) == 2  # no merge after the first task
+    for k in (1, 2):
+        assert olds[k - 1] is snaps[k - 1]  # old = the post-merge state after the previous task
+        for after, before, new in zip(snaps[k], snaps[k - 1], pre[k - 1]):
+            for name in ("A_t", "B_t"):
+                torch.testing.assert_close(after[name], 0.7 * before[name] + 0.3 * new[name], atol=1e-7, rtol=0)
