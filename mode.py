@@ -52,6 +52,15 @@ are the same formulas on R_open):
                 image (text) tokens are restored to their state right after task j and task j is rescored;
                 share = sum_j (restored_j - R[T][j]) / sum_j (R[j+1][j] - R[T][j]), j < T-1 (None if nothing lost)
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
+--answers multi (built-in data; mode_next C6): answers become `it is <value> <eos>` (counts as two digit tokens,
+the night answer `unanswerable <eos>`; 13 new text ids, the image codes move up), every answer token a target;
+rows then also hold acc_exact (and _official_routing): greedy decoding of at most 6 tokens after the question,
+image ids masked, generated tokens routed as text, correct when the decode up to and including the first <eos>
+equals the answer, as the paper scores VQA. Summary keys acc_exact, bwt_exact, forgetting_exact. The headline
+stays closed-set single-token (--answers single, the default), decided before any comparison: it is the only
+scoring here that does not saturate (open forgetting is 84-93 points for every method, closed-set 50-60), it
+separates the old skill from the last task's answer-type prior that no compared method claims to address, and
+it has the seed history of the primary arms; exact match is reported as a secondary endpoint.
 Every row is scored under two routings without retraining: E1 = the true token modality (the paper's design,
 the headline: acc*, bwt*, forgetting*) and E2 = every token to the text experts, as the official evaluation
 code does (the same keys with the suffix _official_routing). Without routing (seq-lora, moe-lora) E1 = E2.
@@ -201,6 +210,8 @@ class Args:
     """maximum sequence length (learned positions)"""
     num_tasks: int = 0
     """use only the first N tasks of the sequence (0 = all)"""
+    answers: Literal["single", "multi"] = "single"
+    """built-in data: single-token answers (headline) or `it is <value> <eos>` scored by greedy exact match too"""
 
     # Algorithm specific arguments
     method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
@@ -283,15 +294,19 @@ ABLATIONS = ("kd", "text_moe", "visual_adapter")  # MoDE switches, on by default
 OFFICIAL = ("official_kd_double_temperature", "official_kd_all_positions")  # official-code switches, off
 BASELINES = ("cl-moe", "dualprompt", "model-tailor")
 TAILOR_BLOCK = 128  # columns per block of Model Tailor's mask and lazy compensation (sparsegpt.py blocksize)
+MULTI_WORDS = ("it", "is", *map(str, range(10)), "<eos>")  # --answers multi: text ids after data.MODE_TEXT
+QUESTION_LEN = 21  # built-in VQA: <bos> <boi> 16 codes <eoi> <sep> <q:task>, then the answer
+MAX_NEW_TOKENS = 6  # --answers multi: greedy decoding budget (the longest answer, `it is 1 0 <eos>`, has 5)
 VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
                   "steps_per_task", "batch_size", "lr", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
                   "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
                   "conflict_batch_size", "clmoe_momentum", "clmoe_top", "dp_g_layers", "dp_e_layers", "dp_g_length",
                   "dp_e_length", "dp_lr", "dp_max_grad_norm", "dp_pull", "tailor_keep", "tailor_samples",
-                  "tailor_damp", "tailor_score")
+                  "tailor_damp", "tailor_score", "answers")
 ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
-MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing")
+MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing", "acc_exact",
+            "acc_exact_official_routing")  # the last two with --answers multi only
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -862,25 +877,56 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
         logits = model(seq, route, sel)[:, -1, image_lo:]
         common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
-    ok, col, shp = data.mode_read_image(seq[:, prompts.shape[1]:].cpu().numpy())
+    codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_IMAGE_LO  # --answers multi shifts the image ids
+    ok, col, shp = data.mode_read_image(codes.cpu().numpy())
     return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
 
 
-def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="") -> dict:
-    """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary)
-    and the generation metrics."""
+def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None) -> dict:
+    """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary),
+    greedy exact match when eos is given (--answers multi), and the generation metrics."""
     model.eval()
     row = {}
     for suffix, official in ROUTINGS:
         acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], where=f"{where} {t}")
                for t in tasks]
         row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
+        if eos is not None:
+            row["acc_exact" + suffix] = [exact_match(model, streams[f"{t}_test"], scheme, image_lo, official, eos,
+                                                     where=f"{where} {t}") for t in tasks]
     if model.prompts is not None:
         row["dp_selection_acc"] = [dp_selection_acc(model, streams[f"{t}_test"], j) for j, t in enumerate(tasks)]
     row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
     row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
     return row
+
+
+@torch.no_grad()
+def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where=""):
+    """MAX_NEW_TOKENS greedy tokens after the first q tokens; image ids masked (the official inference-text mask),
+    generated tokens routed as text; DualPrompt's prefix selected once from the question."""
+    seq, mod = b["tokens"][:, :q], b["modality"][:, :q]
+    prompt = prompt_for(model, seq, torch.full((len(seq),), q - 1, device=seq.device))
+    for _ in range(MAX_NEW_TOKENS):
+        logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), prompt)[:, -1, :image_lo]
+        common.require_finite(logits, "exact match logits", where)
+        seq, mod = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1), F.pad(mod, (0, 1))
+    return seq[:, q:]
+
+
+def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="") -> float:
+    """Percent of sequences whose greedy decode up to and including the first <eos> equals the answer (which ends
+    with its only <eos>; a right value without <eos> in MAX_NEW_TOKENS tokens is wrong)."""
+    hits = []
+    for i in range(0, len(stream["tokens"]), chunk):
+        b = {k: v[i:i + chunk] for k, v in stream.items()}
+        q = int(query_pos(b)[0]) + 1
+        gen = greedy_decode(model, b, scheme, image_lo, official, q, where)
+        target, mask = b["tokens"][:, q:q + MAX_NEW_TOKENS], b["loss_mask"][:, q:q + MAX_NEW_TOKENS].bool()
+        assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
+        hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
+    return 100.0 * float(torch.cat(hits).float().mean())
 
 
 def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
@@ -1040,9 +1086,9 @@ def global_step(args: Args, k: int, step: int) -> int:
 def report_row(label: str, r: dict, loggers: dict, step: int) -> None:
     print(f"{label}: acc {['%.1f' % a for a in r['acc']]} open {['%.1f' % a for a in r['acc_open']]} "
           f"official routing {['%.1f' % a for a in r['acc_official_routing']]} gen_nll {r['gen_nll']:.4f} "
-          f"gen_match {r['gen_match']}", flush=True)
-    common.log_scalars(loggers, {f"charts/{key}": float(np.mean(r[key])) for key in
-                                 ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing")}
+          f"gen_match {r['gen_match']}" + (f" exact {['%.1f' % a for a in r['acc_exact']]}" if "acc_exact" in r
+                                            else ""), flush=True)
+    common.log_scalars(loggers, {f"charts/{key}": float(np.mean(r[key])) for key in MATRICES if key in r}
                        | {"charts/gen_nll": r["gen_nll"], "charts/gen_match": r["gen_match"]}, step)
 
 
@@ -1056,7 +1102,7 @@ def summarize(rows: List[dict], conflicts: list, attr: dict) -> Dict[str, Option
     """Flat summary: CL metrics of the four matrices, generation drop, path shares, gradient conflict means."""
     s = {}
     for suffix, _ in ROUTINGS:
-        for kind in ("", "_open"):
+        for kind in ("", "_open", "_exact") if "acc_exact" in rows[0] else ("", "_open"):
             R = [r[f"acc{kind}{suffix}"] for r in rows]
             s[f"acc{kind}{suffix}"] = common.final_average(R)
             s[f"bwt{kind}{suffix}"] = common.backward_transfer(R)
@@ -1074,8 +1120,12 @@ def summarize(rows: List[dict], conflicts: list, attr: dict) -> Dict[str, Option
 
 def print_results(rows, tasks, summary, timing) -> None:
     names = ["pre-trained"] + [f"after {t}" for t in tasks]
-    for suffix, title in (("", "true modality routing (E1, headline)"), ("_official_routing", "official routing (E2)")):
-        for kind, what in (("", "closed-set (task answer vocabulary)"), ("_open", "open (all text ids)")):
+    for suffix, title in (("", "true modality routing (E1, headline)"),
+                          ("_official_routing", "official routing (E2)")):
+        for kind, what in (("", "closed-set (task answer vocabulary)"), ("_open", "open (all text ids)"),
+                           ("_exact", "greedy exact match (--answers multi)")):
+            if f"acc{kind}" not in rows[0]:
+                continue
             R = [r[f"acc{kind}{suffix}"] for r in rows]
             print(f"accuracy, {what}, {title}:\n" + common.format_matrix(R, names, tasks))
     print(f"gen_nll  {['%.4f' % r['gen_nll'] for r in rows]}\ngen_match {[r['gen_match'] for r in rows]}")
@@ -1090,6 +1140,9 @@ def load_data(args: Args):
         if args.data_dir is None:
             streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
             vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
+            if args.answers == "multi":
+                streams = multi_answer_world(streams)
+                vocab, image_lo = vocab + len(MULTI_WORDS), image_lo + len(MULTI_WORDS)
         else:
             meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
             tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
@@ -1097,6 +1150,32 @@ def load_data(args: Args):
         common.die(str(e))
     common.require(args.num_tasks <= len(tasks), "num_tasks", f"must be in [0, {len(tasks)}] (got {args.num_tasks})")
     return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo
+
+
+def multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
+    """--answers multi (mode_next C6): the built-in world with the MULTI_WORDS as new text ids (the image codes
+    move up by as many) and every VQA answer written `it is <value> <eos>` (counts as two digits; the night
+    answer `unanswerable <eos>`), every answer token a target."""
+    shift, out = len(MULTI_WORDS), {}
+    for name, st in world.items():
+        tokens = np.where(st["tokens"] >= data.MODE_IMAGE_LO, st["tokens"] + shift, st["tokens"])
+        out[name] = dict(st, tokens=tokens)
+        if name.rsplit("_", 1)[0] in data.MODE_TASKS:
+            out[name] |= templated_answers(tokens, st["modality"])
+    return out
+
+
+def templated_answers(tokens: np.ndarray, modality: np.ndarray) -> Dict[str, np.ndarray]:
+    new = {w: data.MODE_IMAGE_LO + i for i, w in enumerate(MULTI_WORDS)}
+    q, n = QUESTION_LEN, len(tokens)
+    out = {k: np.zeros((n, q + 5), np.int64) for k in FIELDS}
+    out["tokens"][:, :q], out["modality"][:, :q] = tokens[:, :q], modality[:, :q]
+    for i, a in enumerate(tokens[:, q]):
+        word = data.MODE_TEXT[a]
+        value = [new[d] for d in f"{int(word):02d}"] if word in data.MODE_COUNTS else [a]
+        ans = [a, new["<eos>"]] if word == "unanswerable" else [new["it"], new["is"], *value, new["<eos>"]]
+        out["tokens"][i, q:q + len(ans)], out["loss_mask"][i, q:q + len(ans)] = ans, 1
+    return out
 
 
 def validate(args: Args) -> None:
@@ -1112,6 +1191,10 @@ def validate(args: Args) -> None:
     common.require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {args.lora_dropout})")
     common.require(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}")
     validate_baselines(args)
+    common.require(args.answers == "single" or args.data_dir is None, "answers",
+                   "multi needs the built-in data (its answers are rewritten as `it is <value> <eos>`)")
+    common.require(args.answers == "single" or args.max_len >= QUESTION_LEN + 5, "max_len",
+                   f"must be >= {QUESTION_LEN + 5} with --answers multi (got {args.max_len})")
     common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
                    f"must be >= 24 for the built-in data (its sequences have 24 tokens; got {args.max_len})")
 
@@ -1154,10 +1237,11 @@ def main(args: Args) -> dict:
                                                            scheme, ckpt, loggers, len(tasks))
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
+    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else None
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
         rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
-                                                     "row 0")], [], [], 0
+                                                     "row 0", eos)], [], [], 0
         state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
@@ -1175,7 +1259,7 @@ def main(args: Args) -> dict:
             after_task(model, args, streams, k, task, gens, state, snapshots)
         snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
-            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}"))
+            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}
@@ -1203,7 +1287,7 @@ def main(args: Args) -> dict:
     res = common.results_envelope(
         script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone="tiny",
         seed=args.seed, run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
-        device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES}, extra=extra,
+        device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
         summary=summary, timing_s=timing)
     common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
     common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))

@@ -467,6 +467,7 @@ BAD_ARGS = [
     (dict(moe_split_rank=True, lora_rank=6), "--moe-split-rank"), (dict(clmoe_momentum=1.5), "--clmoe-momentum"),
     (dict(method="dualprompt", dp_e_layers=(1, 4)), "--dp-e-layers"), (dict(dp_lr=0.0), "--dp-lr"),
     (dict(tailor_keep=-0.1), "--tailor-keep"), (dict(tailor_samples=0), "--tailor-samples"),
+    (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
 ]
 
 
@@ -799,3 +800,83 @@ def test_clmoe_end_to_end_merges_every_task_into_the_previous_one(tmp_path, monk
         for after, before, new in zip(snaps[k], snaps[k - 1], pre[k - 1]):
             for name in ("A_t", "B_t"):
                 torch.testing.assert_close(after[name], 0.7 * before[name] + 0.3 * new[name], atol=1e-7, rtol=0)
+
+
+# ----------------------------------------------------------------------------- --answers multi
+MULTI_LO, MULTI_VOCAB = data.MODE_IMAGE_LO + len(mode.MULTI_WORDS), data.MODE_VOCAB + len(mode.MULTI_WORDS)
+EOS = data.MODE_IMAGE_LO + mode.MULTI_WORDS.index("<eos>")
+
+
+def test_multi_answer_world_templates_answers_and_shifts_image_codes():
+    w = data.make_mode_world(0, n_pretrain=16, n_train=64, n_test=16)
+    m = mode.multi_answer_world(w)
+    word = {data.MODE_TEXT.index(x): x for x in data.MODE_TEXT} | {data.MODE_IMAGE_LO + i: x
+                                                                  for i, x in enumerate(mode.MULTI_WORDS)}
+    for t in ("textvqa", "vizwiz", "gqa"):
+        for old, new, mask in zip(w[f"{t}_train"]["tokens"], m[f"{t}_train"]["tokens"], m[f"{t}_train"]["loss_mask"]):
+            ans = [word[int(a)] for a in new[mask.astype(bool)]]
+            value = data.MODE_TEXT[old[21]]
+            want = (["unanswerable"] if value == "unanswerable" else
+                    ["it", "is", *f"{int(value):02d}"] if value in data.MODE_COUNTS else ["it", "is", value])
+            assert ans == want + ["<eos>"] and mask[:21].sum() == 0 and (new[len(ans) + 21:] == 0).all()
+    old, new = w["reference_test"], m["reference_test"]
+    shift = np.where(old["tokens"] >= data.MODE_IMAGE_LO, len(mode.MULTI_WORDS), 0)
+    assert (new["tokens"] - old["tokens"] == shift).all() and (new["modality"] == old["modality"]).all()
+    assert (m["gqa_test"]["modality"][:, :21] == w["gqa_test"]["modality"][:, :21]).all()
+    assert (m["gqa_test"]["modality"][:, 21:] == 0).all()
+
+
+class Scripted(torch.nn.Module):
+    """Logits that put `script[i]` first at the i-th generated position (and an image id second)."""
+
+    def __init__(self, script, q=21):
+        super().__init__()
+        self.script, self.q, self.prompts = script, q, None
+
+    def forward(self, tokens, route=None, prompt=None):
+        logits = torch.zeros(len(tokens), tokens.shape[1], MULTI_VOCAB)
+        logits[:, -1, MULTI_LO] = 5.0
+        logits[:, -1, self.script[min(tokens.shape[1] - self.q, len(self.script) - 1)]] = 1.0
+        return logits
+
+
+def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
+    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
+    b = mode.to_tensors({f: w["scienceqa_test"][f][:1] for f in mode.FIELDS}, "cpu")  # `it is <colour> <eos>`
+    it_is_red = b["tokens"][0, 21:24].tolist()
+    scheme = mode.scheme_of(mode.Args())
+
+    def score(script):
+        return mode.exact_match(Scripted(script), b, scheme, MULTI_LO, False, EOS)
+
+    assert score(it_is_red + [EOS]) == 100.0
+    assert score(it_is_red + [it_is_red[-1]]) == 0.0  # the right value, no <eos> within the budget
+    assert score(it_is_red[:2] + [EOS]) == 0.0
+    gen = mode.greedy_decode(Scripted(it_is_red + [EOS]), b, scheme, MULTI_LO, False, 21)
+    assert gen.shape == (1, mode.MAX_NEW_TOKENS) and (gen < MULTI_LO).all()  # the image id scored 5 is masked
+
+
+def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
+    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
+    b = mode.to_tensors({f: np.concatenate([w[f"{t}_train"][f][:2] for t in ("textvqa", "vizwiz", "scienceqa")])
+                         for f in mode.FIELDS}, "cpu")
+    torch.manual_seed(0)
+    model = mode.UnifiedLM(MULTI_VOCAB, 32, 2, 4, 64, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(60):
+        loss = mode.lm_loss(model(b["tokens"]), b, MULTI_LO)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    scheme = mode.scheme_of(mode.Args(method="seq-lora"))
+    allowed = mode.answer_vocab(b, MULTI_VOCAB)
+    assert mode.vqa_accuracy(model, b, scheme, MULTI_LO, False, allowed)[1] == 100.0
+    assert mode.exact_match(model, b, scheme, MULTI_LO, False, EOS) == 100.0
+
+
+def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
+    res = mode.main(mode.Args(**SMALL, answers="multi", pretrain_cache_dir=str(tmp_path / "c"),
+                              out_dir=str(tmp_path / "o")))
+    assert set(res["matrices"]) == set(mode.MATRICES) and "answers=multi" in res["variant"]
+    assert {"acc_exact", "forgetting_exact", "bwt_exact_official_routing"} <= set(res["summary"])
