@@ -1,6 +1,7 @@
-"""Tests for comet.py: VQ / adapter / EWC / CLUB / PMR mechanisms, the built-in benchmark and npz loader,
-end-to-end runs with every ablation flag, the results envelope, determinism, validation, divergence, metric
-guards, plots / TensorBoard, CLI parsing, resume, and one subprocess smoke run killed and resumed."""
+"""Tests for comet.py: VQ / adapter / EWC / CLUB / PMR mechanisms (assign rules, tau_k, frozen teacher and
+mediator), the built-in benchmark and npz loader, end-to-end runs with every ablation flag checked by its mechanism,
+the results envelope, determinism, validation, divergence, metric hand cases and guards, plots / TensorBoard, CLI
+parsing, resume, and one subprocess smoke run killed and resumed."""
 
 import importlib.util
 import json
