@@ -72,7 +72,7 @@ def test_generation_gradient_never_reaches_the_text_experts_but_does_for_coupled
 def test_experts_start_as_identity_and_teacher_bypasses_them():
     _, S = streams()
     b = S["gqa_test"]
-    for method in ("mode", "seq-lora", "moe-lora", "tmoe-only"):
+    for method in ("mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "model-tailor"):
         args = mode.Args(method=method)
         model, scheme = tiny_model(), mode.scheme_of(args)
         model.eval()
@@ -634,6 +634,10 @@ def test_dualprompt_prefixes_are_causal_and_visible_to_the_first_token():
     model.eval()
     tokens = torch.randint(0, data.MODE_IMAGE_LO, (4, 12))
     route, sel = torch.zeros_like(tokens), torch.tensor([0, 1, 2, 1])
+    plain = tiny_model()
+    plain.eval()
+    assert torch.equal(model(tokens, route), plain(tokens))  # without prefixes: the pre-trained model, bit for bit
+    assert mode.prompt_for(model, tokens, torch.full((4,), 6)) is None  # before the first task (row 0)
     base = model(tokens, route, sel)
     changed = tokens.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % data.MODE_IMAGE_LO
