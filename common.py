@@ -493,7 +493,8 @@ def mean_std_cell(vals: List[Optional[float]], digits: int, per_seed: bool = Fal
     xs = [v for v in vals if v is not None]
     if not xs:
         return "–"
-    cell = f"{xs[0]:.{digits}f}" if len(xs) == 1 else f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
+    fmt = ",.0f" if all(isinstance(v, int) for v in xs) else f".{digits}f"  # counts (bytes) print as integers
+    cell = f"{xs[0]:{fmt}}" if len(xs) == 1 else f"{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}}"
     if len(xs) < len(vals):
         cell += f" (n={len(xs)})"
     if per_seed and len(vals) > 1:

@@ -172,6 +172,13 @@ def test_table_shows_differing_group_keys_and_per_seed(tmp_path):
     assert "| method | variant | seeds | acc |" in text
     assert "| dns | (defaults) | 2 | 70.50 ± 0.71 (70.00, 71.00) |" in text
     assert "| dns | epochs=1 | 1 | 50.00 |" in text
+    _fake_run(tmp_path, "dns", 3, 72.0, 0.0)
+    for s in (1, 2, 3):  # integer metrics (stored_bytes) print as integers
+        path = tmp_path / f"dns__{s}" / "results.json"
+        r = json.loads(path.read_text())
+        r["summary"]["stored_bytes"] = 1000 * s
+        path.write_text(json.dumps(r))
+    assert "| dns | 3 | 2,000 ± 1,000 |" in common.table([str(tmp_path)], metrics=["stored_bytes"], only="dns//")
 
 
 def test_table_command_line(tmp_path):
