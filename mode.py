@@ -419,7 +419,7 @@ class ExpertLinear(nn.Module):
 
     def adapted(self, x, h, route, p: dict) -> torch.Tensor:
         delta = self.scale * self.delta(x, h, route, p)
-        if p["patch"] is None:
+        if p.get("patch") is None:  # snapshots written before Model Tailor existed have no "patch"
             return delta
         return delta + torch.where(route.unsqueeze(-1) == 0, F.linear(x, p["patch"]), 0.0)  # Model Tailor
 
