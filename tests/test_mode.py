@@ -498,6 +498,10 @@ def test_tyro_parses_methods_ablations_and_official_switches():
     assert (a.max_grad_norm, a.official_kd_double_temperature) == (5.0, True)
     assert mode.scheme_of(a) == dict(n_text=1, image_side=False, coupled=True, kd=False)
     assert mode.scheme_of(mode.Args(visual_adapter=False))["kd"] is False
+    b = tyro.cli(mode.Args, args=["--method", "dualprompt", "--dp-e-layers", "1", "3", "--answers", "multi",
+                                  "--official-tailor-sign", "--moe-split-rank", "--tailor-score", "obs"])
+    assert (b.method, b.dp_e_layers, b.answers, b.official_tailor_sign, b.moe_split_rank, b.tailor_score) == \
+        ("dualprompt", (1, 3), "multi", True, True, "obs")
     for bad in (["--method", "nope"], ["--quirk-eval-routing"], ["--grad-clip", "1"]):  # removed / renamed
         with pytest.raises(SystemExit) as e:
             tyro.cli(mode.Args, args=bad, console_outputs=False)
