@@ -790,7 +790,8 @@ def row_means(mats: Dict[str, list], k: int) -> Dict[str, Optional[float]]:
     return out
 
 
-def assemble_results(args, names, mats, times, model, state, st, steps, datasets, device, name) -> dict:
+def assemble_results(args, method, variant, names, mats, times, model, state, st, steps, datasets, device,
+                     name) -> dict:
     """The results envelope (README "Outputs"): summary, matrices, per-step method diagnostics, memory, timing."""
     total, detail = stored_bytes(model, state, st, steps, datasets)
     extra = {"steps": [list(s) for s in steps], "stored_bytes": detail,
@@ -798,7 +799,7 @@ def assemble_results(args, names, mats, times, model, state, st, steps, datasets
              "effective": {"lambda_in": lambda_in(args), "der_alpha": der_alpha(args)}}
     timing = {**times, "total": float(sum(times["train"]) + sum(times["eval"]) + sum(times["checkpoint"]))}
     return common.results_envelope(
-        script="dns", method=method_tag(args), variant=common.tag(args, VARIANT_FIELDS, Args()),
+        script="dns", method=method, variant=variant,
         data=common.data_tag(args.data_dir), backbone=args.backbone, seed=args.seed, run_name=name, args=args,
         device=device, tasks=names, matrices=mats, extra=extra, summary={**summarize(mats), "stored_bytes": total},
         timing_s=timing)
@@ -832,16 +833,18 @@ def restore(ckpt: dict, model, state: DNSState, st: CLState, mats, times, gens, 
 
 # ----------------------------------------------------------------------------- main: the continual loop
 def main(args: Args) -> dict:
-    # TRY NOT TO MODIFY: setup (validate -> extras -> data -> seed -> threads -> device -> run dir -> loggers)
+    # TRY NOT TO MODIFY: setup
     validate(args)
     common.check_extras(args)
     steps, raw = load_data(args)
-    common.seed_everything(args.seed, args.torch_deterministic)
+    common.seed_everything(args.seed, args.torch_deterministic)  # every generator below is derived from the seed
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
-    name = common.run_name("dns", method_tag(args), common.data_tag(args.data_dir), args.backbone, args.seed)
+    method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
+    name = common.run_name("dns", method, common.data_tag(args.data_dir), args.backbone, args.seed)
     run_dir, ckpt = common.open_run(args, name, "dns")
-    loggers = common.open_loggers(args, name, run_dir, purge_step=ckpt["done"] * args.epochs if ckpt else None)
+    loggers = common.open_loggers(args, name, run_dir, ckpt["done"] * args.epochs if ckpt else None)
+    print(f"run {name} -> {run_dir} (device: {device})")
 
     datasets = to_torch(raw, device)
     dims = {m: a.shape[1] for v in datasets.values() for s in v.values() for m, a in s["feats"].items()}
@@ -895,7 +898,8 @@ def main(args: Args) -> dict:
         if args.save_model:
             torch.save(model.state_dict(), os.path.join(run_dir, f"model_after_{t + 1}.pt"))
 
-    results = assemble_results(args, names, mats, times, model, state, st, steps, datasets, device, name)
+    results = assemble_results(args, method, variant, names, mats, times, model, state, st, steps, datasets, device,
+                               name)
     for key, label in (("acc", "zero-shot accuracy (%)"), ("r10", "R@10, mean of both directions (%)")):
         print(f"\n{label}: rows = after step, columns = test entry\n"
               + common.format_matrix(mats[key], results["rows"], names))
