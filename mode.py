@@ -56,7 +56,9 @@ An understanding sample is correct when the argmax (closed-set or open) equals e
 the night answer `unanswerable <eos>`; 13 new text ids, the image codes move up), every answer token a target;
 rows then also hold acc_exact (and _official_routing): greedy decoding of at most 6 tokens after the question,
 image ids masked, generated tokens routed as text, correct when the decode up to and including the first <eos>
-equals the answer, as the paper scores VQA. Summary keys acc_exact, bwt_exact, forgetting_exact. The headline
+equals the answer, as the paper scores VQA. Summary keys acc_exact, bwt_exact, forgetting_exact. acc_exact equals
+acc_open here by construction (a deterministic greedy decode reproduces every teacher-forced argmax up to the
+first error, under the same text mask and routing); it is kept as the paper's protocol and as that check. The headline
 stays closed-set single-token (--answers single, the default), decided before any comparison: it is the only
 scoring here that does not saturate (open forgetting is 84-93 points for every method, closed-set 50-60), it
 separates the old skill from the last task's answer-type prior that no compared method claims to address, and

@@ -888,3 +888,4 @@ def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
                               out_dir=str(tmp_path / "o")))
     assert set(res["matrices"]) == set(mode.MATRICES) and "answers=multi" in res["variant"]
     assert {"acc_exact", "forgetting_exact", "bwt_exact_official_routing"} <= set(res["summary"])
+    assert res["matrices"]["acc_exact"] == res["matrices"]["acc_open"]  # greedy exact match = teacher-forced argmax
