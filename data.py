@@ -32,7 +32,8 @@ def check_finite(name: str, arr: np.ndarray) -> None:
 
 
 def read_npz(path: str, hint: str = "") -> Dict[str, np.ndarray]:
-    """Every array of a .npz file, read without pickle; DataError naming the file otherwise (hint: what it should hold)."""
+    """Every array of a .npz file, read without pickle; DataError naming the file otherwise
+    (hint: what it should hold)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found" + (f" ({hint})" if hint else ""))
     try:
@@ -129,7 +130,8 @@ def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], see
     out = {}
     for ds in dict.fromkeys(s[0] for s in steps):
         if ds not in DNS_DATASETS:
-            raise DataError(f"dataset '{ds}' is not in the built-in benchmark ({', '.join(DNS_DATASETS)}); pass --data-dir")
+            raise DataError(f"dataset '{ds}' is not in the built-in benchmark ({', '.join(DNS_DATASETS)}); "
+                            "pass --data-dir")
         mods, n_cls, n_train, n_test = DNS_DATASETS[ds]
         V = _orth(rng, latent, subspace)
         centres = (V @ rng.standard_normal((subspace, n_cls or pair_clusters)) / np.sqrt(subspace)).T
@@ -142,9 +144,11 @@ def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], see
             return (DNS_FEATURE_SCALE[backbone][m] * x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
         out[ds] = {}
-        for split, n in (("train", max(128, round(n_train * scale))), ("test", max(64, round(n_test * min(1.0, scale ** 0.5))))):
+        for split, n in (("train", max(128, round(n_train * scale))),
+                         ("test", max(64, round(n_test * min(1.0, scale ** 0.5))))):
             y = rng.integers(0, len(centres), n)
-            h = centres[y] + (within if n_cls else pair_within) * rng.standard_normal((n, subspace)) @ V.T / np.sqrt(subspace)
+            h = (centres[y] + (within if n_cls else pair_within) * rng.standard_normal((n, subspace)) @ V.T
+                 / np.sqrt(subspace))
             split_feats = {m: feats(m, h, noise) for m in mods if not (m == "text" and n_cls)}
             class_text = None
             if n_cls and "text" in mods:  # text = class name: one vector per class, also the prototype
@@ -311,14 +315,16 @@ def comet_world(seed: int, shared: float = 0.3, dom: float = 1.5, hidden: int = 
     rng = np.random.default_rng([seed, 0])
     d_in = COMET_D_LAT + COMET_D_STY
     world = {
-        "proto": shared * rng.standard_normal(COMET_D_LAT) + (1 - shared) * rng.standard_normal((COMET_N_CLASSES, COMET_D_LAT)),
+        "proto": (shared * rng.standard_normal(COMET_D_LAT)
+                  + (1 - shared) * rng.standard_normal((COMET_N_CLASSES, COMET_D_LAT))),
         "bg": rng.standard_normal(COMET_D_LAT),
         "filler": rng.standard_normal((3, COMET_D_LAT)),
         "domain": {p: dom * rng.standard_normal(COMET_D_STY) for p in COMET_PAIR_CLASSES},
         "render": {},
     }
     for m, d in COMET_DIMS.items():
-        world["render"][m] = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in), rng.standard_normal((hidden, d)) / np.sqrt(hidden))
+        world["render"][m] = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in),
+                              rng.standard_normal((hidden, d)) / np.sqrt(hidden))
     return world
 
 
@@ -362,16 +368,19 @@ def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_tes
         mods = comet_pair_modalities(pair)
         for j, (split, n) in enumerate((("train", n_pairs), ("test", n_test))):
             rng = np.random.default_rng([seed, 1, i, j])
-            data[f"{pair.lower()}_{split}"] = comet_sample(world, rng, mods, rng.integers(lo, hi, n), T, sty, noise, pair)
+            data[f"{pair.lower()}_{split}"] = comet_sample(world, rng, mods, rng.integers(lo, hi, n),
+                                                           T, sty, noise, pair)
     for j, split in enumerate(("train", "test")):
         rng = np.random.default_rng([seed, 2, j])
         lo, hi = COMET_VA_CLASSES
-        d = comet_sample(world, rng, ["video", "audio"], rng.permutation(np.repeat(np.arange(lo, hi), n_per_class)), T, sty, noise)
+        d = comet_sample(world, rng, ["video", "audio"], rng.permutation(np.repeat(np.arange(lo, hi), n_per_class)),
+                         T, sty, noise)
         d["label"] = d["label"] - lo
         d["step_label"] = np.where(d["event"], d["label"][:, None], -1)
         data[f"va_{split}"] = d
     rng = np.random.default_rng([seed, 3])
-    data["ia_test"] = comet_sample(world, rng, ["image", "audio"], rng.integers(*COMET_IA_CLASSES, n_test), T, sty, noise)
+    data["ia_test"] = comet_sample(world, rng, ["image", "audio"], rng.integers(*COMET_IA_CLASSES, n_test),
+                                   T, sty, noise)
     for d in data.values():
         d.pop("event")
     return data
@@ -414,13 +423,15 @@ def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
         raise DataError(f"{data_dir}: data directory not found")
     dims, T, data = {}, None, {}
     names = [f"{p.lower()}_train" for p in pairs] + ["va_train", "va_test"]
-    names += [n for n in ("vt_test", "at_test", "it_test", "ia_test") if os.path.isfile(os.path.join(data_dir, n + ".npz"))]
+    names += [n for n in ("vt_test", "at_test", "it_test", "ia_test")
+              if os.path.isfile(os.path.join(data_dir, n + ".npz"))]
     for name in names:
         path = os.path.join(data_dir, name + ".npz")
         data[name], T = _comet_check_file(path, name, dims, T)
     for name in ("va_train", "va_test"):
         if "label" not in data[name]:
-            raise DataError(f"{os.path.join(data_dir, name + '.npz')}: missing array 'label' [N] (needed for V<->A classification)")
+            raise DataError(f"{os.path.join(data_dir, name + '.npz')}: missing array 'label' [N] "
+                            "(needed for V<->A classification)")
     n_cls = int(data["va_train"]["label"].max()) + 1
     for name in ("va_train", "va_test"):
         d, path = data[name], os.path.join(data_dir, name + ".npz")
@@ -446,7 +457,8 @@ MODE_TEXT = (["<pad>", "<bos>", "<sep>", "<boi>", "<eoi>", "<cap>"] + MODE_COLOU
              + MODE_COUNTS + ["unanswerable"] + [f"<q:{t}>" for t in MODE_TASKS])
 MODE_IMAGE_LO = len(MODE_TEXT)  # image codes: 4 background codes, then 8 colour codes
 MODE_VOCAB = MODE_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
-MODE_STREAMS = ["pretrain", "reference_train", "reference_test"] + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")]
+MODE_STREAMS = (["pretrain", "reference_train", "reference_test"]
+                + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")])
 _MODE_ID = {w: i for i, w in enumerate(MODE_TEXT)}
 
 
@@ -506,9 +518,11 @@ def mode_sequences(kind: str, c, s, b) -> Dict[str, np.ndarray]:
         out = _mode_pack([tok("<bos>"), img, tok("<cap>"), tok("<sep>"), words(MODE_COLOURS, c),
                           words(MODE_SHAPES, s), words(MODE_BACKGROUNDS, b)], 1, slice(21, 24))
     elif kind == "t2i":  # <bos> colour shape <sep> <boi> img <eoi>; targets = the 16 codes
-        out = _mode_pack([tok("<bos>"), words(MODE_COLOURS, c), words(MODE_SHAPES, s), tok("<sep>"), img], 4, slice(5, 21))
+        out = _mode_pack([tok("<bos>"), words(MODE_COLOURS, c), words(MODE_SHAPES, s), tok("<sep>"), img],
+                         4, slice(5, 21))
     else:  # <bos> <boi> img <eoi> <sep> <q:task> answer
-        out = _mode_pack([tok("<bos>"), img, tok("<sep>"), tok(f"<q:{kind}>"), mode_answer(kind, c, s, b)], 1, slice(21, 22))
+        out = _mode_pack([tok("<bos>"), img, tok("<sep>"), tok(f"<q:{kind}>"), mode_answer(kind, c, s, b)],
+                         1, slice(21, 22))
     out.update(colour=np.asarray(c), shape=np.asarray(s), background=np.asarray(b))
     return out
 
@@ -561,11 +575,13 @@ def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
         raise DataError(f"{meta_path}: cannot read meta.json ({e})") from e
     V, lo, tasks = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("tasks")
     if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
-        raise DataError(f"{meta_path}: need ints vocab_size and image_token_start with 0 < image_token_start < vocab_size")
+        raise DataError(f"{meta_path}: need ints vocab_size and image_token_start "
+                        "with 0 < image_token_start < vocab_size")
     if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
         raise DataError(f"{meta_path}: 'tasks' must be a non-empty list of task names")
     streams = {}
-    for name in ["pretrain", "reference_train", "reference_test"] + [f"{t}_{s}" for t in tasks for s in ("train", "test")]:
+    for name in (["pretrain", "reference_train", "reference_test"]
+                 + [f"{t}_{s}" for t in tasks for s in ("train", "test")]):
         streams[name] = _mode_load_stream(os.path.join(data_dir, f"{name}.npz"), V, max_len)
     return {"vocab_size": V, "image_token_start": lo, "tasks": tasks}, streams
 

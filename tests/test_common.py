@@ -89,7 +89,8 @@ def test_write_json_is_strict(tmp_path):
 
 def test_derive_seed_is_stable_and_purpose_specific():
     assert common.derive_seed(1, "batches") == common.derive_seed(1, "batches")
-    assert len({common.derive_seed(1, "batches"), common.derive_seed(1, "replay"), common.derive_seed(2, "batches")}) == 3
+    assert len({common.derive_seed(1, "batches"), common.derive_seed(1, "replay"),
+                common.derive_seed(2, "batches")}) == 3
     assert 0 <= common.derive_seed(123, "x") < 2**63
 
 

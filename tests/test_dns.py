@@ -66,7 +66,8 @@ def test_default_left_threshold_is_the_scale_free_numerical_span():
 def trained_state(gen, d=32, r=6, one_step=True):
     """Modalities a, b trained on old data (random weights), statistics accumulated as at the end of a step."""
     xa, xb = low_rank(300, d, r, gen, 3.0), low_rank(300, d, r, gen, 3.0)
-    wa, wb = torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen), torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen)
+    wa, wb = (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen),
+              torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen))
     state = dns.DNSState({}, {})
     dns.update_covariance(state, xa, xb, wa, wb, "a", "b")
     return state, xa, xb, wa, wb
@@ -234,7 +235,8 @@ def test_npz_loader_runs_end_to_end_with_mixed_dims(tmp_path):
     for split in ("train", "test"):
         write_split(tmp_path / f"toy_{split}.npz")
     # text is 8-d, audio 6-d: D = 8, audio gets an orthogonal Linear(6, 8); step 2 projects both (non-square P_in)
-    args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio", "toy:audio-text"], epochs=2, out_dir=str(tmp_path / "out"))
+    args = dns.Args(data_dir=str(tmp_path), steps=["toy:text-audio", "toy:audio-text"], epochs=2,
+                    out_dir=str(tmp_path / "out"))
     r = dns.main(args)
     assert r["tasks"] == ["toy(text-audio)", "toy(audio-text)"] and r["data"] == os.path.basename(str(tmp_path))
     assert r["matrices"]["acc"][1][0] is not None and r["matrices"]["r10"][2][1] is not None
@@ -297,7 +299,8 @@ def test_dim_mismatch_across_datasets_is_rejected(tmp_path):
 def test_tyro_parses_flags_and_rejects_unknown_backbone():
     a = tyro.cli(dns.Args, args=["--backbone", "unibind", "--method", "vanilla", "--steps", "esc50:text-audio",
                                  "--official-one-sided", "--seed", "3"])
-    assert (a.backbone, a.method, a.steps, a.official_one_sided, a.seed) == ("unibind", "vanilla", ["esc50:text-audio"], True, 3)
+    assert ((a.backbone, a.method, a.steps, a.official_one_sided, a.seed)
+            == ("unibind", "vanilla", ["esc50:text-audio"], True, 3))
     with pytest.raises(SystemExit) as e:
         tyro.cli(dns.Args, args=["--backbone", "clip"], console_outputs=False)
     assert e.value.code == 2
@@ -363,10 +366,13 @@ def test_resume_refuses_other_args_and_dirs_without_checkpoint(tmp_path, capsys)
 
 @pytest.mark.parametrize("override, flag", [
     (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(batch_size=0), "--batch-size"),
-    (dict(temperature=0.0), "--temperature"), (dict(embed_dim=0), "--embed-dim"), (dict(bench_scale=-0.1), "--bench-scale"),
+    (dict(temperature=0.0), "--temperature"), (dict(embed_dim=0), "--embed-dim"),
+    (dict(bench_scale=-0.1), "--bench-scale"),
     (dict(retrieval_subsets=0), "--retrieval-subsets"), (dict(max_grad_norm=-1.0), "--max-grad-norm"),
-    (dict(lambda_min=-1.0), "--lambda-min"), (dict(buffer_size=-1), "--buffer-size"), (dict(ewc_lambda=-1.0), "--ewc-lambda"),
-    (dict(der_alpha=-0.1), "--der-alpha"), (dict(co2l_past_temp=0.0), "--co2l-past-temp"), (dict(cflat_rho=-1.0), "--cflat-rho"),
+    (dict(lambda_min=-1.0), "--lambda-min"), (dict(buffer_size=-1), "--buffer-size"),
+    (dict(ewc_lambda=-1.0), "--ewc-lambda"),
+    (dict(der_alpha=-0.1), "--der-alpha"), (dict(co2l_past_temp=0.0), "--co2l-past-temp"),
+    (dict(cflat_rho=-1.0), "--cflat-rho"),
     (dict(num_threads=-1), "--num-threads"), (dict(resume="/nonexistent/run"), "--resume"),
 ])
 def test_bad_hyperparameters_exit_2_naming_the_flag_before_writing(override, flag, tmp_path, capsys):

@@ -26,7 +26,8 @@ def vanilla(tmp_path_factory):
 
 @pytest.mark.parametrize("kw", [dict(method="ewc", ewc_lambda=0.0), dict(method="der", der_alpha=0.0),
                                 dict(method="derpp", der_alpha=0.0, der_beta=0.0), dict(method="gem", buffer_size=0),
-                                dict(method="co2l", buffer_size=0, co2l_distill=0.0), dict(method="cflat", cflat_rho=0.0)])
+                                dict(method="co2l", buffer_size=0, co2l_distill=0.0),
+                                dict(method="cflat", cflat_rho=0.0)])
 def test_weight_zero_equals_vanilla_bit_for_bit(kw, vanilla, tmp_path):
     r = run(tmp_path, "m", **kw)
     assert r["matrices"] == vanilla["matrices"]
