@@ -114,7 +114,7 @@ def tag(args, fields: Sequence[str], defaults) -> str:
     out = []
     for f in sorted(fields):
         v, d = getattr(args, f), getattr(defaults, f)
-        if v != d:
+        if _jsonable(v) != _jsonable(d):  # a tuple default read back from args.json is a list
             out.append(f"{f}={' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
     return ",".join(out)
 

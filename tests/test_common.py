@@ -120,6 +120,7 @@ def test_tag_lists_only_non_default_fields():
         steps: List[str] = field(default_factory=lambda: ["a"])
 
     assert common.tag(A(), ["lr", "k", "steps"], A()) == ""
+    assert common.tag(A(steps=("a",)), ["steps"], A()) == ""  # a tuple/list read back from args.json is the same
     assert common.tag(A(lr=0.2, steps=["a", "b"]), ["lr", "k", "steps"], A()) == "lr=0.2,steps=a b"
 
 
