@@ -512,7 +512,8 @@ def paired_cell(x: Dict[int, Optional[float]], ref: Dict[int, Optional[float]], 
 
 
 def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = None, paired_with: Optional[str] = None,
-          only: Optional[str] = None, per_seed: bool = False, digits: int = 2, out: Optional[str] = None) -> str:
+          only: Optional[str] = None, per_seed: bool = False, digits: int = 2, out: Optional[str] = None,
+          paired_only: bool = False) -> str:
     """Markdown table over every results.json under DIRS: one row per (script, method, variant, data, backbone),
     cells mean ± std over seeds (n = seed count); --paired-with METHOD[:VARIANT] adds the per-seed differences
     against that configuration (same script, data and backbone; seeds matched by value) as mean ± s.e. (k/n).
@@ -525,6 +526,7 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
         per_seed: append the per-seed values to each cell
         digits: decimals
         out: also write the table to this file
+        paired_only: with --paired-with, print only the paired differences
     """
     if not dirs:
         die("table: give at least one folder of runs")
@@ -542,7 +544,8 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
         cells = [mean_std_cell([_metric_value(g[s], m) for s in seeds], digits, per_seed) for m in metrics]
         lines.append("| " + " | ".join([str(k[i]) or "(defaults)" for i in shown] + [str(len(seeds))] + cells) + " |")
     if paired_with:
-        lines += [""] + _paired_lines(groups, keys, shown, metrics, paired_with, digits)
+        paired = _paired_lines(groups, keys, shown, metrics, paired_with, digits)
+        lines = paired if paired_only else lines + [""] + paired
     text = "\n".join(lines)
     if out:
         atomic_write(out, lambda f: f.write(text + "\n"))

@@ -152,6 +152,9 @@ def test_table_cells_and_paired_differences(tmp_path, capsys):
     # bwt differences over seeds 1, 3 only: (10, 10) -> +10.00 ± 0.00 (2/2)
     assert "+10.00 ± 0.00 (2/2)" in paired
     assert (tmp_path / "t.md").read_text().strip() == text
+    only_paired = common.table([str(tmp_path)], metrics=["acc"], paired_with="vanilla", paired_only=True)
+    assert only_paired.splitlines()[0] == "| method | paired seeds | Δ acc vs vanilla |"
+    assert len(only_paired.splitlines()) == 3
 
 
 def test_table_rejects_duplicate_seed_and_empty_dirs(tmp_path, capsys):
