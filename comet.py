@@ -2,7 +2,7 @@
 
 Paper: Xia, Huang, Fang, Zhao. "Continual Cross-Modal Generalization", arXiv 2504.00561 (COMET).
 Base model: CMG / DCID, Xia et al., "Achieving Cross Modal Generalization with Multimodal Unified
-Representation", NeurIPS 2023 (github.com/haihuangcode/CMG; read, not copied; spec in shared/specs/comet.md).
+Representation", NeurIPS 2023 (github.com/haihuangcode/CMG; read, not copied).
 
 Idea. DCID maps paired modalities onto one shared discrete codebook: per-modality semantic encoders Phi_m,
 an EMA vector quantiser updated with both modalities (MM-EMA), a cross-modal code-matching loss (CMCM),
@@ -60,8 +60,8 @@ common.derive_seed(seed, "init/<module>"); at the start of stage k the batch ord
 CPC steps, the Fisher batches, dead-code resets, new codes and dropout restart from (seed, stream, k); the
 evaluation heads use fixed derived seeds. Within one seed, configurations share everything they have in common.
 
-Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices are the spec's [assumption]s):
-  1. Sizes scaled for CPU (spec 5.2): D = 32, 1 transformer layer, Psi = Linear+ReLU to 16, linear decoders,
+Deviations and assumptions (where the paper is silent, the choice is stated here):
+  1. Sizes scaled for CPU: D = 32, 1 transformer layer, Psi = Linear+ReLU to 16, linear decoders,
      K1 = 32, K2 = 16, batch 64, Adam 1e-3, clip 1.0, float32; every size is a flag. With --data-dir a stage
      trains max(--epochs, ceil(--min-steps-per-stage / steps per epoch)) epochs so that a few hundred pairs are
      not left at chance; the built-in benchmark always trains --epochs. Inputs are
@@ -70,7 +70,7 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
      r^b = softmax(z^a z^bT / sqrt D) z^b; `--official-aligned-partner` is the released code's same-index
      partner. Counts start at 1 (not 0) so unused codes stay put; Laplace smoothing as in the code.
   3. Dead-code reset after `reset_after` idle batches to an active code + U(+-1/128); from stage 2 on only
-     new codes (index >= K_prev) are reset (spec 2.3.5), DCID (and --no-expand) resets anywhere.
+     new codes (index >= K_prev) are reset (the old codes stay the teacher's), DCID (and --no-expand) resets anywhere.
   4. Adapter: residual z~ = z + sum_j G_j (C_j z + S_{j,m} z), router on the time-mean (one gate vector per
      sample), init N(0, 0.01) so it starts as the identity; VQ, CMCM, CLUB and CPC all use z~.
   5. EWC: empirical Fisher = mean squared gradient of (commit + cmcm + cpc) over `fisher_batches` batches at
@@ -80,7 +80,7 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
      distance is <= tau_k, else the nearest new code ("if a code matching the semantics ... can be found in V1";
      the paper gives no rule). tau_k = the --pmr-quantile 0.95 quantile of stage k-1's own quantisation distances
      (every step of stage k-1's training captions to its nearest end-of-stage code, eval mode), fixed at the start
-     of stage k, chosen before any V<->A result (decisions C3, comet_next D3): only this rule asks whether V1 holds
+     of stage k, chosen before any V<->A result: only this rule asks whether V1 holds
      a match without letting the live new codes decide. --pmr-assign union (nearest over [teacher ; new codes],
      the previous default) and teacher (always the nearest teacher code) are the alternatives. The mediator
      feature is the live one (the paper's "current B-modal sequence"); --pmr-mediator frozen uses a copy of
@@ -91,7 +91,7 @@ Deviations and assumptions (spec = shared/specs/comet.md; paper-silent choices a
      and with it gate, EWC and specific layers (as in Table 6), so those switches are refused beside it.
   8. CPC: 1-layer LSTM (paper; the code has 2), 1 prediction step. CLUB: 3 inner Adam steps (code: 5).
      AVVP's extra ExpLogLoss is omitted; downstream heads are trained full batch for `cls_steps` steps
-     from a seeded init (spec 5.4.4), test sets are separate samples (CMG's ave.py tests on train videos).
+     from a seeded init, test sets are separate samples (CMG's ave.py tests on train videos).
   9. Runs on CUDA when available and --cuda (the model is CPU-sized; only CPU runs are promised
      bit-identical across a --resume).
 """

@@ -64,7 +64,7 @@ DNS_DATASETS = {
     "llvip": (["vision", "thermal"], 0, 12025, 3463),
 }
 DNS_ACC_ONLY = {"ucf101"}  # the official evaluation computes no retrieval for UCF101
-# Norm of the stored (raw) backbone features per modality (spec 1.1): ImageBind/UniBind scale the
+# Norm of the stored (raw) backbone features per modality: ImageBind/UniBind scale the
 # L2-normalised outputs by a per-modality logit scale; LanguageBind multiplies non-text by exp(logit_scale).
 _IB_SCALE = {"vision": 1.0, "video": 1.0, "tactile": 1.0, "text": 100.0, "audio": 20.0, "depth": 5.0, "thermal": 10.0}
 _LB_SCALE = {m: (1.0 if m == "text" else 100.0) for m in _IB_SCALE}
@@ -113,7 +113,7 @@ def make_dns_benchmark(backbone: str, steps: Sequence[Tuple[str, str, str]], see
     U_m = the modality's basis (a shared joint-space basis plus a modality gap, so identity projections
     already align modalities partly), D_{m,ds} = a dataset-specific distortion near identity (the domain
     shift that makes re-training a shared modality forget), mu = a domain offset, s_m = the backbone's
-    feature scale (spec 1.1), noise = isotropic in a `noise_dim`-dim subspace specific to (m, ds), so
+    feature scale (DNS_FEATURE_SCALE), noise = isotropic in a `noise_dim`-dim subspace specific to (m, ds), so
     every dataset's features occupy a low-rank, partly dataset-specific subspace, as real backbone
     features do (they are not isotropic). Class-labelled text is the class name: one noise-free vector per class,
     which is also the zero-shot prototype. Train sizes = the real datasets' sizes times `scale`, test sizes
@@ -294,7 +294,7 @@ def load_dns_features(data_dir: str, steps: Sequence[Tuple[str, str, str]], back
 
 
 # ============================================================================= COMET (comet.py)
-# Built-in world (spec 5.1): pre-extracted feature sequences [N, T, d_m] rendered from shared hidden
+# Built-in world: pre-extracted feature sequences [N, T, d_m] rendered from shared hidden
 # class semantics through one fixed random nonlinear "renderer" per modality.
 COMET_DIMS = {"video": 64, "audio": 32, "text": 48, "image": 64}
 COMET_LETTERS = {"V": "video", "A": "audio", "T": "text", "I": "image"}

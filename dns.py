@@ -1,7 +1,7 @@
 """DNS: Dual-side Null-space gradient projection for continual multimodal contrastive learning.
 
 Paper: Liu, Xia, Ng, Chua. "Continual Multimodal Contrastive Learning", NeurIPS 2025, arXiv 2503.14963.
-Official code: github.com/Xiaohao-Liu/CMCL (read, not copied; spec in shared/specs/dns.md).
+Official code: github.com/Xiaohao-Liu/CMCL (read, not copied).
 
 Idea. A frozen modality-binding backbone (ImageBind / LanguageBind / UniBind) gives pre-extracted features;
 one trainable Linear per modality (identity init) is aligned with a contrastive loss, one modality pair per
@@ -27,7 +27,7 @@ Usage:
     python dns.py --backbone imagebind --method ewc        # vanilla dns gem der derpp ewc co2l cflat cila
     python dns.py --data-dir features_storage/ --backbone imagebind   # the official CMCL .h5 cache, read as it is
     python dns.py --data-dir my_feats/ --steps digits:image-caption digits:audio-caption   # .npz, any modality names
-    python dns.py --official-one-sided --official-cov-bug  # the official code's behaviour (spec 3.4, 8.1)
+    python dns.py --official-one-sided --official-cov-bug  # the official code's behaviour (see the Args)
     python dns.py --resume runs/dns__dns__builtin__imagebind__1__1764420000   # continue a killed run
     python common.py table runs/ --metrics acc bwt_acc r1 r5 r10 bwt_r10 --paired-with vanilla
 
@@ -137,7 +137,7 @@ class Args:
     official_one_sided: bool = False
     """official code: left projector = identity once a modality is seen (threshold 0 keeps every direction)"""
     official_cov_bug: bool = False
-    """official code: accumulate covariances from the dataset's first two modalities, not the pair's (spec 8.1)"""
+    """official code: accumulate covariances from the dataset's first two modalities, not the pair's"""
     buffer_size: int = 500
     """replay budget in pairs for gem/der/derpp/co2l/cila (mammoth, Co2L and CILA report 200/500)"""
     replay_batch_size: int = 64
@@ -246,7 +246,7 @@ def linear_decay(i: int, n: int) -> float:
 
 # ----------------------------------------------------------------------------- model and loss
 def build_model(dims: Dict[str, int], embed_dim: int, seed: int) -> nn.ModuleDict:
-    """One trainable Linear(d_m, D) per modality, each seeded on its own; no normalisation anywhere (spec 2.1)."""
+    """One trainable Linear(d_m, D) per modality, each seeded on its own; no normalisation anywhere."""
     gens = {m: torch.Generator().manual_seed(common.derive_seed(seed, f"init/{m}")) for m in dims}
     return nn.ModuleDict({m: linear_init(d, embed_dim, gens[m]) for m, d in sorted(dims.items())})
 
@@ -265,7 +265,7 @@ def pair_loss(model: nn.ModuleDict, a: str, b: str, x: Dict[str, torch.Tensor], 
 @dataclass
 class DNSState:
     """Per-modality uncentered second moments of own inputs (c_in) and of partners' projected features (c_out);
-    a modality is 'seen' (spec 3.2) once it has a c_in entry."""
+    a modality is 'seen' (projected from then on) once it has a c_in entry."""
 
     c_in: Dict[str, torch.Tensor]
     c_out: Dict[str, torch.Tensor]
@@ -273,7 +273,7 @@ class DNSState:
 
 
 def update_covariance(state: DNSState, xa, xb, wa, wb, a: str, b: str) -> None:
-    """End of step (spec 3.3): running uncentered moments with the global sample count n_bar, float64."""
+    """End of step: running uncentered moments with the global sample count n_bar, float64."""
     xa, xb, wa, wb = xa.double(), xb.double(), wa.double(), wb.double()
     n_new = state.n_bar + len(xa)
     keep = state.n_bar / n_new
@@ -316,7 +316,7 @@ def left_mul(p, x: torch.Tensor) -> torch.Tensor:
 
 
 def build_projectors(state: DNSState, m: str, lam_in: float, lam_out: Optional[float], one_sided: bool):
-    """Start of step (spec 3.4): (P_out or None = identity, P_in); None if m was never seen (no projection)."""
+    """Start of step, fixed during it: (P_out or None = identity, P_in); None if m was never seen (no projection)."""
     if m not in state.c_in:  # never seen
         return None
     p_out = None if one_sided else make_projector(state.c_out[m], lam_out)
@@ -866,14 +866,14 @@ def main(args: Args) -> dict:
         method_sw = sw["method"]  # every method's overhead; DNS's split into projectors and statistics
         train = datasets[ds]["train"]["feats"]
         xa, xb = train[a], train[b]
-        with method_sw, sw["projectors"]:  # METHOD LOGIC: projectors rebuilt at the start of the step (spec 3.4)
+        with method_sw, sw["projectors"]:  # METHOD LOGIC: projectors rebuilt at the start of the step
             proj = {m: build_projectors(state, m, lambda_in(args), args.lambda_out, args.official_one_sided)
                     for m in (a, b)} if args.method == "dns" else {}
         with method_sw:
             start_step(st, model, t, a, b, train, args)
         where = f"step {t + 1}/{T} ({names[t]})"
         mean_terms = train_step(model, t, a, b, xa, xb, proj, st, args, gens, method_sw, where)
-        with method_sw, sw["statistics"]:  # METHOD LOGIC: the step's statistics with the trained weights (spec 3.3)
+        with method_sw, sw["statistics"]:  # METHOD LOGIC: the step's statistics with the trained weights
             if args.method == "dns":
                 ca, cb = official_cov_pair(train, a, b) if args.official_cov_bug else (a, b)
                 update_covariance(state, train[ca], train[cb], model[a].weight.detach(), model[b].weight.detach(), a, b)

@@ -20,7 +20,7 @@ text-to-image prompts and five single-token VQA tasks shaped like the paper's Co
 TextVQA -> ImageNet -> GQA -> VizWiz): different question types (a task token just before the answer),
 partly overlapping answer vocabularies.
 It is pre-trained on captioning + text-to-image (cached under --pretrain-cache-dir), then tuned on the
-five tasks with the base frozen and experts on the MLP gate/up/down projections only (spec section 4).
+five tasks with the base frozen and experts on the MLP gate/up/down projections only (as the official code places them).
 
 
 Usage:
@@ -47,12 +47,12 @@ are the same formulas on R_open):
     gen_drop    100 * (gen_match[0] - gen_match[T]), percent points (inter-modal forgetting);
                 gen_drop_max = the largest 100 * (gen_match[0] - gen_match[k]) over k >= 1
     grad_cos    mean over checks of cos(grad L_task, grad L_gen) on all trainable adapter parameters; the
-                text-side / image-side cosines and <g_t, g_v> are logged too (spec section 3)
+                text-side / image-side cosines and <g_t, g_v> are logged too
     forgetting_share_{image,text}_path  where the forgetting flows: after the last task the experts as applied at
                 image (text) tokens are restored to their state right after task j and task j is rescored;
                 share = sum_j (restored_j - R[T][j]) / sum_j (R[j+1][j] - R[T][j]), j < T-1 (None if nothing lost)
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
---answers multi (built-in data; mode_next C6): answers become `it is <value> <eos>` (counts as two digit tokens,
+--answers multi (built-in data): answers become `it is <value> <eos>` (counts as two digit tokens,
 the night answer `unanswerable <eos>`; 13 new text ids, the image codes move up), every answer token a target;
 rows then also hold acc_exact (and _official_routing): greedy decoding of at most 6 tokens after the question,
 image ids masked, generated tokens routed as text, correct when the decode up to and including the first <eos>
@@ -78,7 +78,7 @@ image codes) and one .npz per stream: pretrain, reference_train, reference_test,
 (1 = image span token, routed to the V-Adapter) and loss_mask [N, L] (1 = target token). gen_match and
 gen_drop need the built-in image oracle and are None there; gen_nll is still reported.
 
-Deviations from the paper/spec (spec section 8.7 design):
+Deviations from the paper:
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
     - single-token answers scored teacher-forced (not 60-token greedy decoding);
     - steps-based schedule (160 steps/task, not 1 epoch), lr 2e-3, batch 32; AdamW, warmup + cosine
@@ -87,9 +87,9 @@ Deviations from the paper/spec (spec section 8.7 design):
       experts bypassed (as in the code). Official-code switches (off by default): temperature applied twice
       (--official-kd-double-temperature), KD mean over all positions (--official-kd-all-positions);
     - the paper's equation numbers could not be read (only its abstract was available), so markers name
-      the equation (Eq. (T-MoE), Eq. (KD), ...) following the forms in spec sections 3-5.
+      the equation (Eq. (T-MoE), Eq. (KD), ...) following the paper's forms.
 
-Baselines (section "baselines"; designed from their official code, ../shared/specs/mode_next.md section 2; same
+Baselines (section "baselines"; designed from their official code; same
 loop, batches, steps and fresh-per-task AdamW as the other methods unless said; all coupled, so E2 = E1):
     cl-moe        CL-MoE (ECNU-ICALK/CL-MoE a9eff1c) as released: moe-lora's layout on all tokens, each training
                   forward counts per expert the tokens whose top-2 includes it (top-1/top-2 ties not counted);
@@ -258,7 +258,7 @@ class Args:
     log_every: int = 100
     """print a progress line every this many steps"""
 
-    # Baselines (mode_next section 2; defaults from the official code, never tuned on results)
+    # Baselines (defaults from the official code, never tuned on results)
     moe_split_rank: bool = False
     """every text mixture splits --lora-rank over its experts, scale alpha / lora_rank (CoIN coinmoelora.py)"""
     clmoe_momentum: float = 0.7
@@ -359,7 +359,7 @@ def base_hashes(model: nn.Module) -> Dict[str, str]:
 
 # ----------------------------------------------------------------------------- model
 class ExpertLinear(nn.Module):
-    """A base linear W plus optional modality-routed low-rank experts (spec section 4).
+    """A base linear W plus optional modality-routed low-rank experts (on MLP gate/up/down).
 
     route[b, s] = 0 sends the token to the text side (T-MoE, or one LoRA when it has 1 expert),
     1 to the image side (V-Adapter; no delta when absent); route=None bypasses all experts (teacher).
@@ -1155,7 +1155,7 @@ def load_data(args: Args):
 
 
 def multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
-    """--answers multi (mode_next C6): the built-in world with the MULTI_WORDS as new text ids (the image codes
+    """--answers multi: the built-in world with the MULTI_WORDS as new text ids (the image codes
     move up by as many) and every VQA answer written `it is <value> <eos>` (counts as two digits; the night
     answer `unanswerable <eos>`), every answer token a target."""
     shift, out = len(MULTI_WORDS), {}

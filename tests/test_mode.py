@@ -700,7 +700,7 @@ def test_tailor_identity_and_patch_size():
 
 
 def test_tailor_compensation_sign_pinned_on_correlated_inputs():
-    X, W0, Wf, H = correlated_layer()  # mode_next appendix B
+    X, W0, Wf, H = correlated_layer()  # inputs with correlated columns, where the OBS sign matters
 
     def mse(sign):
         return float(((X @ (mode.tailor_linear(W0, Wf, H, 0.1, sign) - Wf).T) ** 2).mean())
