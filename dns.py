@@ -240,6 +240,11 @@ def official_cov_pair(train: Dict[str, torch.Tensor], a: str, b: str) -> Tuple[s
     return first[0], first[1]
 
 
+def lambda_in(args: Args) -> float:
+    """The right projector's eigenvalue threshold: --lambda-min, else the paper's value for the backbone."""
+    return args.lambda_min if args.lambda_min is not None else PAPER_LAMBDA_MIN[args.backbone]
+
+
 def linear_decay(i: int, n: int) -> float:
     return 1.0 - i / n
 
@@ -405,8 +410,9 @@ def reservoir_add(st: CLState, t: int, rows: torch.Tensor, za: torch.Tensor, zb:
 
 def reservoir_draw(st: CLState, a: str, b: str, size: int, gen) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uniform draw without replacement from the filled slots whose pair shares a modality with (a, b)."""
-    ok = [i for i, k in enumerate(st.slot_step.tolist()) if k >= 0 and eligible(st, k, a, b)]
-    pick = torch.tensor(ok, dtype=torch.long)[torch.randperm(len(ok), generator=gen)[:size]].to(st.slot_step.device)
+    steps = torch.tensor([k for k in range(len(st.pairs)) if eligible(st, k, a, b)], dtype=torch.long)
+    ok = torch.isin(st.slot_step.cpu(), steps).nonzero().flatten()  # empty slots hold -1: never eligible
+    pick = ok[torch.randperm(len(ok), generator=gen)[:size]].to(st.slot_step.device)
     return pick, st.slot_step[pick], st.slot_row[pick]
 
 
@@ -441,7 +447,7 @@ def der_terms(model, st: CLState, a: str, b: str, args: Args, gen) -> Dict[str, 
                 if m in (a, b):
                     pred.append(model[m](st.feats[k][m][r]))
                     target.append(st.slot_z[pick[pos], s])
-        out["der"] = F.mse_loss(torch.cat(pred), torch.cat(target))
+        out["der"] = F.mse_loss(torch.cat(pred), torch.cat(target))  # DER Eq. (logit matching), outputs here
     if args.method == "derpp" and args.der_beta > 0:
         _, steps, rows = reservoir_draw(st, a, b, args.replay_batch_size, gen)
         if len(steps):
@@ -487,14 +493,14 @@ def ewc_penalty(model, st: CLState, a: str, b: str) -> torch.Tensor:
         for n, f in entry["fisher"].items():
             m, p = n.split(".")
             if m in (a, b):
-                total = total + (f * (getattr(model[m], p) - entry["star"][n]) ** 2).sum()
+                total = total + (f * (getattr(model[m], p) - entry["star"][n]) ** 2).sum()  # EWC Eq. (penalty)
     return total if torch.is_tensor(total) else torch.zeros((), device=st.slot_z.device)
 
 
 def ird_loss(s_new: torch.Tensor, s_old: torch.Tensor, t_cur: float, t_past: float) -> torch.Tensor:
     """Instance-wise relation distillation: mean_i sum_j -softmax(S_old / k_p)_ij log softmax(S_new / k_c)_ij
     (cross-modal scores: the diagonal is the positive pair and is kept)."""
-    return -(F.softmax(s_old / t_past, 1) * F.log_softmax(s_new / t_cur, 1)).sum(1).mean()
+    return -(F.softmax(s_old / t_past, 1) * F.log_softmax(s_new / t_cur, 1)).sum(1).mean()  # Co2L Eq. (IRD)
 
 
 def co2l_terms(model, st: CLState, t: int, a: str, b: str, x, z, args: Args, gen) -> Dict[str, torch.Tensor]:
@@ -503,7 +509,7 @@ def co2l_terms(model, st: CLState, t: int, a: str, b: str, x, z, args: Args, gen
     steps, rows = memory_draw(st, a, b, args.replay_batch_size, gen)
     negs = [side(model, b, st.feats[k][b][r], (a, b)) for k, r, _ in replay_groups(st, steps, rows) if b in st.pairs[k]]
     if negs:
-        logits = z[a] @ torch.cat([z[b]] + negs).T / args.temperature  # Eq. (asymmetric contrastive)
+        logits = z[a] @ torch.cat([z[b]] + negs).T / args.temperature  # Co2L Eq. (asymmetric contrastive)
         out = {"contrastive": F.cross_entropy(logits, torch.arange(len(z[a]), device=logits.device))}
     else:
         out = {"contrastive": contrastive_loss(z[a], z[b], args.temperature)}
@@ -528,7 +534,7 @@ def co2l_weight(args: Args, st: CLState, t: int) -> float:
     if args.method != "cila" or t < 2 or not st.hist:
         return args.co2l_distill
     ird, asym = (sum(h[i] for h in st.hist) for i in (0, 1))
-    return max(args.co2l_distill, args.cila_kappa * ird / asym) if asym > 0 else args.co2l_distill
+    return max(args.co2l_distill, args.cila_kappa * ird / asym) if asym > 0 else args.co2l_distill  # CILA lambda_t
 
 
 def gem_dual(P: torch.Tensor, q: torch.Tensor, lo: float, sweeps: int = 500, tol: float = 1e-12) -> torch.Tensor:
@@ -549,13 +555,13 @@ def gem_project(params: List[torch.Tensor], mem_grads: torch.Tensor, margin: flo
     """GEM: if the batch gradient g conflicts with a memory gradient, replace it by g + G^T v* (the QP's dual
     solution, GEM model/gem.py); returns whether it projected."""
     g = torch.cat([p.grad.flatten() for p in params])
-    dots = mem_grads @ g
+    dots = mem_grads @ g  # GEM Eq. (constraints): <g, g_k> >= 0 for every memory k
     if float(dots.min()) >= 0:
         return False
     G = mem_grads.double().cpu()
     P = G @ G.T + eps * torch.eye(len(G), dtype=torch.float64)
-    v = gem_dual(P, dots.double().cpu(), margin)
-    new = g + (G.T @ v).to(g)
+    v = gem_dual(P, dots.double().cpu(), margin)  # GEM Eq. (dual QP)
+    new = g + (G.T @ v).to(g)  # GEM: g~ = G^T v* + g
     for p, chunk in zip(params, new.split([p.numel() for p in params])):
         p.grad.copy_(chunk.view_as(p))
     return True
@@ -603,7 +609,7 @@ def cflat_backward(params: List[torch.Tensor], loss_fn, rho: float, lam: float) 
     with torch.no_grad():
         for p, t0, u, v, w in zip(params, theta, g1, g2, g3):
             p.copy_(t0)
-            p.grad = u + lam * (w - v)
+            p.grad = u + lam * (w - v)  # C-Flat: g1 + lambda (g3 - g2)
     return loss
 
 
@@ -647,7 +653,7 @@ def loss_weights(args: Args, st: CLState, t: int) -> Dict[str, float]:
             "ird": co2l_weight(args, st, t)}
 
 
-def stored_bytes(model, state: DNSState, st: CLState, steps, datasets) -> Tuple[int, dict]:
+def stored_bytes(state: DNSState, st: CLState, steps, datasets) -> Tuple[int, dict]:
     """Memory each method keeps between steps, buffers counted as copies of the stored features (float32)."""
     def row_bytes(k):
         ds, a, b = steps[k]
@@ -710,12 +716,13 @@ def train_step(model: nn.ModuleDict, t: int, a: str, b: str, xa, xb, proj: dict,
             opt.zero_grad(set_to_none=True)
             terms, z = batch_backward(model, t, a, b, x, proj, st, weights, args, gens["replay"], method_sw)
             norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            with method_sw:  # METHOD LOGIC: Eq. (DNS) on weight gradients, after clipping, before AdamW
-                coef = (args.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # the factor clipping applied
-                for m in (a, b):
-                    if proj.get(m) is not None:
-                        w = model[m].weight
-                        w.grad = project_gradient_factored(w.grad, z[m].grad, x[m], coef, proj[m])
+            if proj:
+                with method_sw:  # METHOD LOGIC: Eq. (DNS) on weight gradients, after clipping, before AdamW
+                    coef = (args.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # the factor clipping applied
+                    for m in (a, b):
+                        if proj.get(m) is not None:
+                            w = model[m].weight
+                            w.grad = project_gradient_factored(w.grad, z[m].grad, x[m], coef, proj[m])
             opt.step()
             sched.step()
             if args.method in ("der", "derpp"):  # METHOD LOGIC: reservoir insert of this batch's pre-step outputs
@@ -790,10 +797,11 @@ def row_means(mats: Dict[str, list], k: int) -> Dict[str, Optional[float]]:
     return out
 
 
+# ----------------------------------------------------------------------------- results and checkpoints
 def assemble_results(args, method, variant, names, mats, times, model, state, st, steps, datasets, device,
                      name) -> dict:
     """The results envelope (README "Outputs"): summary, matrices, per-step method diagnostics, memory, timing."""
-    total, detail = stored_bytes(model, state, st, steps, datasets)
+    total, detail = stored_bytes(state, st, steps, datasets)
     extra = {"steps": [list(s) for s in steps], "stored_bytes": detail,
              "method_log": {k: v for k, v in st.log.items() if any(x not in (None, 0) for x in v)},
              "effective": {"lambda_in": lambda_in(args), "der_alpha": der_alpha(args)}}
@@ -803,10 +811,6 @@ def assemble_results(args, method, variant, names, mats, times, model, state, st
         data=common.data_tag(args.data_dir), backbone=args.backbone, seed=args.seed, run_name=name, args=args,
         device=device, tasks=names, matrices=mats, extra=extra, summary={**summarize(mats), "stored_bytes": total},
         timing_s=timing)
-
-
-def lambda_in(args: Args) -> float:
-    return args.lambda_min if args.lambda_min is not None else PAPER_LAMBDA_MIN[args.backbone]
 
 
 def checkpoint_state(model, state: DNSState, st: CLState, mats, times, gens) -> dict:
