@@ -10,7 +10,7 @@ Contents (section: what -> used by)
             load_dns_h5_split (official CMCL .h5), load_dns_features                   -> dns.py
     COMET:  comet_pair_modalities, comet_world, comet_sample, comet_benchmark,
             load_comet_npz                                                             -> comet.py
-    MoDE:   mode_sequences, make_mode_world, mode_read_image, load_mode_dir            -> mode.py
+    MoDE:   MODE_WORLDS, mode_sequences, make_mode_world, mode_read_image, load_mode_dir -> mode.py
 """
 
 import json
@@ -448,6 +448,8 @@ def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
 # tokens [N, L], modality [N, L] (1 from <boi> to <eoi> inclusive, else 0) and loss_mask [N, L] (1 where
 # the token is a target, predicted from the prefix; trailing <pad> = 0 with mask 0), the --data-dir format.
 # A VQA sequence is <bos> <boi> img <eoi> <sep> <q:task> answer: the task token comes right before the answer.
+# World "shared-visual" adds an orientation of the mask that no text names and five tasks about where the
+# foreground cells lie (MODE_SV_* below); its text ids extend MODE_TEXT, so every shared word keeps its id.
 MODE_COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
 MODE_SHAPES = ["circle", "square", "cross", "ring", "bar", "arrow", "heart", "star"]
 MODE_BACKGROUNDS = ["white", "sand", "grey", "night"]
@@ -460,6 +462,15 @@ MODE_VOCAB = MODE_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
 MODE_STREAMS = (["pretrain", "reference_train", "reference_test"]
                 + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")])
 _MODE_ID = {w: i for i, w in enumerate(MODE_TEXT)}
+MODE_ORIENTATIONS = ["identity", "h-flip", "v-flip", "rot180"]  # of the shape mask; named in no caption or prompt
+MODE_SV_TASKS = ["top-bottom", "left-right", "top-left", "orientation", "top-row"]  # answers: mode_sv_answer
+MODE_SV_TEXT = (MODE_TEXT + ["top", "bottom", "left", "right", "yes", "no"] + MODE_ORIENTATIONS
+                + [f"<q:{t}>" for t in MODE_SV_TASKS])
+MODE_SV_IMAGE_LO = len(MODE_SV_TEXT)  # the same 12 image codes, after the new words
+MODE_SV_VOCAB = MODE_SV_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
+_MODE_SV_ID = {w: i for i, w in enumerate(MODE_SV_TEXT)}
+MODE_WORLDS = {"default": (MODE_TASKS, MODE_VOCAB, MODE_IMAGE_LO),  # world -> (tasks, vocab size, first image id)
+               "shared-visual": (MODE_SV_TASKS, MODE_SV_VOCAB, MODE_SV_IMAGE_LO)}
 
 
 def mode_shape_masks() -> np.ndarray:
@@ -472,6 +483,56 @@ def mode_shape_masks() -> np.ndarray:
         if all((m != o).sum() >= 3 for o in masks):
             masks.append(m)
     return np.stack(masks)
+
+
+def mode_orient(masks: np.ndarray) -> np.ndarray:
+    """Masks [..., 16] -> [..., 4, 16]: the 4x4 grid as is, mirrored left-right, upside down, turned by 180."""
+    g = masks.reshape(*masks.shape[:-1], 4, 4)
+    out = np.stack([g, g[..., :, ::-1], g[..., ::-1, :], g[..., ::-1, ::-1]], -3)
+    return out.reshape(*masks.shape[:-1], 4, 16)
+
+
+def _sv_mask_ok(m: np.ndarray, kept: List[np.ndarray]) -> bool:
+    g, v = m.reshape(4, 4), mode_orient(m)
+    if not (1 <= g[[0, 0, 3, 3], [0, 3, 0, 3]].sum() <= 3 and g[0].any() != g[3].any()):
+        return False
+    if any((v[i] != v[j]).sum() < 3 for i in range(4) for j in range(i)):
+        return False
+    return all((v[:, None] != mode_orient(o)[None]).sum(-1).min() >= 3 for o in kept)
+
+
+def mode_sv_shape_masks() -> np.ndarray:
+    """--world shared-visual: the 8 shape masks in the 4 orientations [8, 4, 16] (bool). All 32 are pairwise
+    Hamming >= 3; odd sizes (5, 5, 7, 7, 7, 7, 9, 9), so no top/bottom or left/right tie; each shape has 1-3
+    foreground corners and foreground in exactly one of rows 0 and 3, so for every shape every task's answer
+    depends on the orientation."""
+    rng = np.random.default_rng(1234)  # fixed: the world is the same for every run seed
+    sizes, masks = (5, 5, 7, 7, 7, 7, 9, 9), []
+    while len(masks) < 8:
+        m = np.zeros(16, bool)
+        m[rng.choice(16, sizes[len(masks)], replace=False)] = True
+        if _sv_mask_ok(m, masks):
+            masks.append(m)
+    return mode_orient(np.stack(masks))
+
+
+def mode_sv_answer(task: str, c: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """--world shared-visual: answer token per sample; each task reads where the foreground cells lie.
+    top-bottom: the half (top / bottom) with more foreground cells; left-right: likewise, left / right;
+    top-left: is the top-left cell foreground (yes / no); orientation: its name (MODE_ORIENTATIONS);
+    top-row: the colour if the top row has a foreground cell, else the shape. No ties: mask sizes are odd."""
+    g = mode_sv_shape_masks()[s, o].reshape(-1, 4, 4).astype(int)
+    if task == "top-bottom":
+        return _mode_words(["bottom", "top"], g[:, :2].sum((1, 2)) > g[:, 2:].sum((1, 2)))
+    if task == "left-right":
+        return _mode_words(["right", "left"], g[:, :, :2].sum((1, 2)) > g[:, :, 2:].sum((1, 2)))
+    if task == "top-left":
+        return _mode_words(["no", "yes"], g[:, 0, 0])
+    if task == "orientation":
+        return _mode_words(MODE_ORIENTATIONS, o)
+    if task == "top-row":
+        return np.where(g[:, 0].any(1), _mode_words(MODE_COLOURS, c), _mode_words(MODE_SHAPES, s))
+    raise DataError(f"unknown MoDE shared-visual task '{task}'")
 
 
 def mode_answer(task: str, c: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -492,9 +553,12 @@ def mode_answer(task: str, c: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.nd
     raise DataError(f"unknown MoDE task '{task}'")
 
 
-def _mode_images(c, s, b) -> np.ndarray:
-    masks = mode_shape_masks()[s]
-    return np.where(masks, MODE_IMAGE_LO + 4 + c[:, None], MODE_IMAGE_LO + b[:, None])
+def _mode_images(c, s, b, o=None) -> np.ndarray:
+    if o is None:
+        masks, lo = mode_shape_masks()[s], MODE_IMAGE_LO
+    else:
+        masks, lo = mode_sv_shape_masks()[s, o], MODE_SV_IMAGE_LO
+    return np.where(masks, lo + 4 + c[:, None], lo + b[:, None])
 
 
 def _mode_pack(parts: List[np.ndarray], img_at: int, targets: slice, length: int = 24) -> Dict[str, np.ndarray]:
@@ -509,56 +573,70 @@ def _mode_pack(parts: List[np.ndarray], img_at: int, targets: slice, length: int
     return {"tokens": tokens, "modality": modality, "loss_mask": loss_mask}
 
 
-def mode_sequences(kind: str, c, s, b) -> Dict[str, np.ndarray]:
-    """Build one stream: kind = 'caption', 't2i' or a task name. Attributes c, s, b are int arrays [N]."""
-    n, tok = len(c), lambda w: np.full(len(c), _MODE_ID[w])
-    img = np.concatenate([tok("<boi>")[:, None], _mode_images(c, s, b), tok("<eoi>")[:, None]], 1)
-    words = lambda names, idx: np.array([_MODE_ID[w] for w in names])[idx]
+def _mode_words(names: Sequence[str], idx: np.ndarray) -> np.ndarray:
+    """Text ids of names[idx]; MODE_SV_TEXT extends MODE_TEXT, so the ids of the shared words are the same."""
+    return np.array([_MODE_SV_ID[w] for w in names])[np.asarray(idx, int)]
+
+
+def mode_sequences(kind: str, c, s, b, o=None) -> Dict[str, np.ndarray]:
+    """Build one stream: kind = 'caption', 't2i' or a task name. Attributes c, s, b are int arrays [N];
+    o (orientations, [N]) makes it the shared-visual world (captions and prompts still omit it)."""
+    n = len(c)
+    bos, boi, eoi, cap, sep = (np.full((n, 1), _MODE_SV_ID[w]) for w in ("<bos>", "<boi>", "<eoi>", "<cap>", "<sep>"))
+    img = np.concatenate([boi, _mode_images(c, s, b, o), eoi], 1)
     if kind == "caption":  # <bos> <boi> img <eoi> <cap> <sep> colour shape background
-        out = _mode_pack([tok("<bos>"), img, tok("<cap>"), tok("<sep>"), words(MODE_COLOURS, c),
-                          words(MODE_SHAPES, s), words(MODE_BACKGROUNDS, b)], 1, slice(21, 24))
+        out = _mode_pack([bos, img, cap, sep, _mode_words(MODE_COLOURS, c), _mode_words(MODE_SHAPES, s),
+                          _mode_words(MODE_BACKGROUNDS, b)], 1, slice(21, 24))
     elif kind == "t2i":  # <bos> colour shape <sep> <boi> img <eoi>; targets = the 16 codes
-        out = _mode_pack([tok("<bos>"), words(MODE_COLOURS, c), words(MODE_SHAPES, s), tok("<sep>"), img],
-                         4, slice(5, 21))
+        out = _mode_pack([bos, _mode_words(MODE_COLOURS, c), _mode_words(MODE_SHAPES, s), sep, img], 4, slice(5, 21))
     else:  # <bos> <boi> img <eoi> <sep> <q:task> answer
-        out = _mode_pack([tok("<bos>"), img, tok("<sep>"), tok(f"<q:{kind}>"), mode_answer(kind, c, s, b)],
-                         1, slice(21, 22))
+        answer = mode_answer(kind, c, s, b) if o is None else mode_sv_answer(kind, c, s, o)
+        out = _mode_pack([bos, img, sep, np.full((n, 1), _MODE_SV_ID[f"<q:{kind}>"]), answer], 1, slice(21, 22))
     out.update(colour=np.asarray(c), shape=np.asarray(s), background=np.asarray(b))
+    if o is not None:
+        out["orientation"] = np.asarray(o)
     return out
 
 
-def make_mode_world(seed: int, n_pretrain: int = 4096, n_train: int = 2048, n_test: int = 512) -> Dict[str, dict]:
-    """All built-in streams. Pre-training mixes captioning and text-to-image over all 256 images; the VQA
-    tasks train on 192 (colour, shape, background) combinations and test on the 64 held-out ones."""
+def make_mode_world(seed: int, n_pretrain: int = 4096, n_train: int = 2048, n_test: int = 512,
+                    world: str = "default") -> Dict[str, dict]:
+    """All built-in streams of a world (MODE_WORLDS). Pre-training mixes captioning and text-to-image over all
+    images; the VQA tasks hold out the attribute combinations with (c + s + b [+ o]) % 4 == 0 for testing:
+    default 64 of 256 (colour, shape, background), shared-visual 256 of 1024 (with the orientation)."""
+    if world not in MODE_WORLDS:
+        raise DataError(f"unknown MoDE world '{world}' (choose from {sorted(MODE_WORLDS)})")
     rng = np.random.default_rng(seed)
-    held = lambda c, s, b: (c + s + b) % 4 == 0
+    sizes = (8, 8, 4) if world == "default" else (8, 8, 4, 4)  # colour, shape, background [, orientation]
 
     def draw(n, split=None):
-        c, s, b = rng.integers(0, 8, 8 * n), rng.integers(0, 8, 8 * n), rng.integers(0, 4, 8 * n)
-        keep = np.ones(8 * n, bool) if split is None else held(c, s, b) == (split == "test")
-        return c[keep][:n], s[keep][:n], b[keep][:n]
+        attrs = [rng.integers(0, k, 8 * n) for k in sizes]
+        keep = np.ones(8 * n, bool) if split is None else (sum(attrs) % 4 == 0) == (split == "test")
+        return [a[keep][:n] for a in attrs]
 
     cap, t2i = mode_sequences("caption", *draw(n_pretrain)), mode_sequences("t2i", *draw(n_pretrain))
-    world = {"pretrain": {k: np.concatenate([cap[k], t2i[k]]) for k in cap},
-             "reference_train": mode_sequences("t2i", *draw(n_train)),
-             "reference_test": mode_sequences("t2i", *draw(n_test))}
-    for t in MODE_TASKS:
+    out = {"pretrain": {k: np.concatenate([cap[k], t2i[k]]) for k in cap},
+           "reference_train": mode_sequences("t2i", *draw(n_train)),
+           "reference_test": mode_sequences("t2i", *draw(n_test))}
+    for t in MODE_WORLDS[world][0]:
         for split, n in (("train", n_train), ("test", n_test)):
-            world[f"{t}_{split}"] = mode_sequences(t, *draw(n, split))
-    return world
+            out[f"{t}_{split}"] = mode_sequences(t, *draw(n, split))
+    return out
 
 
-def mode_read_image(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Oracle for generated grids [N, 16]: (well_formed, colour, shape); colour/shape = -1 if malformed.
-    Well-formed = the cells hold exactly one background code and one colour code, and the colour cells
-    form one of the 8 shape masks exactly."""
-    masks, n = mode_shape_masks(), len(codes)
+def mode_read_image(codes: np.ndarray, world: str = "default") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Oracle for generated grids [N, 16] (image ids of the world's vocabulary): (well_formed, colour, shape);
+    colour/shape = -1 if malformed. Well-formed = the cells hold exactly one background code and one colour
+    code, and the colour cells form one of the 8 shape masks exactly (shared-visual: in any orientation)."""
+    if world not in MODE_WORLDS:
+        raise DataError(f"unknown MoDE world '{world}' (choose from {sorted(MODE_WORLDS)})")
+    variants = mode_shape_masks()[:, None] if world == "default" else mode_sv_shape_masks()  # [8, k, 16]
+    masks, n = variants.reshape(-1, 16), len(codes)
     ok, col, shp = np.zeros(n, bool), np.full(n, -1), np.full(n, -1)
-    for i, g in enumerate(codes - MODE_IMAGE_LO):
+    for i, g in enumerate(codes - MODE_WORLDS[world][2]):
         fg, bg = g[g >= 4], g[(g >= 0) & (g < 4)]
         hit = np.where((masks == (g >= 4)).all(1))[0]
         if len(fg) + len(bg) == 16 and len(set(fg)) == 1 and len(set(bg)) == 1 and len(hit) == 1:
-            ok[i], col[i], shp[i] = True, fg[0] - 4, hit[0]
+            ok[i], col[i], shp[i] = True, fg[0] - 4, hit[0] // variants.shape[1]
     return ok, col, shp
 
 

@@ -29,6 +29,7 @@ Usage:
                                             #   cl-moe, dualprompt, model-tailor (below); --moe-split-rank
     python mode.py --no-kd                  # ablations: --no-kd, --no-text-moe, --no-visual-adapter (= tmoe-only)
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
+    python mode.py --world shared-visual    # a world whose five tasks all need the image path (below)
     python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
 
 Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent;
@@ -66,6 +67,16 @@ it has the seed history of the primary arms; exact match is reported as a second
 Every row is scored under two routings without retraining: E1 = the true token modality (the paper's design,
 the headline: acc*, bwt*, forgetting*) and E2 = every token to the text experts, as the official evaluation
 code does (the same keys with the suffix _official_routing). Without routing (seq-lora, moe-lora) E1 = E2.
+
+--world shared-visual (built-in data; data.py MODE_SV_*): every image also has an orientation of its mask
+(identity, h-flip, v-flip, rot180; the 8 masks regenerated so that all 32 variants differ in >= 3 cells), drawn
+independently and named in no caption or prompt, so pre-training learns to choose it, like the background. Five
+tasks share the skill "locate the foreground cells": top-bottom (the half with more foreground: top / bottom),
+left-right (left / right), top-left (is that cell foreground: yes / no), orientation (its name) and top-row (the
+colour if the top row has foreground, else the shape); odd mask sizes leave no ties. The 15 new text ids (those
+words, then the <q:task> tokens) follow the 40 of the default world, whose ids are unchanged; the image codes move
+up by 15. gen_match accepts any orientation of the prompted shape. The run name carries the world where it
+otherwise says "tiny", the variant `world=shared-visual`; --answers multi is not available there.
 
 Outputs in runs/{run_name}/: args.json, cmd.txt, results.json (matrices acc, acc_open and their
 _official_routing twins; generation metrics, gradient checks, the expert scheme under "extra"), metrics.csv,
@@ -188,6 +199,8 @@ class Args:
     """built-in data: training sequences per task (and in the reference stream)"""
     n_test: int = 256
     """built-in data: held-out sequences per task (and in the reference test stream)"""
+    world: Literal["default", "shared-visual"] = "default"
+    """built-in data: default (CoIN-shaped tasks on colour, shape, background) or shared-visual (module docstring)"""
     gen_samples: int = 128
     """prompts sampled for the exact-attribute match (built-in data)"""
     pretrain_cache_dir: str = "runs/mode_pretrained"
@@ -305,7 +318,7 @@ VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrai
                   "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
                   "conflict_batch_size", "clmoe_momentum", "clmoe_top", "dp_g_layers", "dp_e_layers", "dp_g_length",
                   "dp_e_length", "dp_lr", "dp_max_grad_norm", "dp_pull", "tailor_keep", "tailor_samples",
-                  "tailor_damp", "tailor_score", "answers")
+                  "tailor_damp", "tailor_score", "answers", "world")
 ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
 MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing", "acc_exact",
             "acc_exact_official_routing")  # the last two with --answers multi only
@@ -328,6 +341,8 @@ def config_hash(args: Args, source: str) -> str:
     cfg = {k: getattr(args, k) for k in keys}
     if args.pretrain_max_grad_norm != 1.0:  # keeps the keys of caches made before the flag existed
         cfg["pretrain_max_grad_norm"] = args.pretrain_max_grad_norm
+    if args.world != "default":  # likewise
+        cfg["world"] = args.world
     blob = json.dumps(cfg | {"source": source, "v": 1}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -870,7 +885,8 @@ def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> floa
 
 @torch.no_grad()
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
-    """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle."""
+    """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle of the
+    world; attrs = (colour, shape[, world]) of the prompts."""
     seq = prompts.clone()
     last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
     sel = prompt_for(model, prompts, last)  # DualPrompt: selected once, from the input
@@ -879,8 +895,9 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
         logits = model(seq, route, sel)[:, -1, image_lo:]
         common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
-    codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_IMAGE_LO  # --answers multi shifts the image ids
-    ok, col, shp = data.mode_read_image(codes.cpu().numpy())
+    world = attrs[2] if len(attrs) > 2 else "default"
+    codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_WORLDS[world][2]  # --answers multi shifts the ids
+    ok, col, shp = data.mode_read_image(codes.cpu().numpy(), world)
     return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
 
 
@@ -1032,7 +1049,7 @@ def generation_probe(args: Args, np_streams, streams, vocab: int, image_lo: int,
     ref, n = np_streams["reference_test"], min(args.gen_samples, len(np_streams["reference_test"]["tokens"]))
     g = torch.Generator().manual_seed(common.derive_seed(args.seed, "eval/gumbel"))
     noise = torch.rand(n, 16, vocab - image_lo, generator=g)
-    return (streams["reference_test"]["tokens"][:n, :5], (ref["colour"][:n], ref["shape"][:n]),
+    return (streams["reference_test"]["tokens"][:n, :5], (ref["colour"][:n], ref["shape"][:n], args.world),
             (-torch.log(-torch.log(noise.clamp_min(1e-20)))).to(device))
 
 
@@ -1140,8 +1157,8 @@ def load_data(args: Args):
     """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); bad data: exit 2."""
     try:
         if args.data_dir is None:
-            streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
-            vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
+            streams = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test, world=args.world)
+            tasks, vocab, image_lo = data.MODE_WORLDS[args.world]
             if args.answers == "multi":
                 streams = multi_answer_world(streams)
                 vocab, image_lo = vocab + len(MULTI_WORDS), image_lo + len(MULTI_WORDS)
@@ -1195,6 +1212,12 @@ def validate(args: Args) -> None:
     validate_baselines(args)
     common.require(args.answers == "single" or args.data_dir is None, "answers",
                    "multi needs the built-in data (its answers are rewritten as `it is <value> <eos>`)")
+    common.require(args.world in data.MODE_WORLDS, "world",
+                   f"must be one of {', '.join(data.MODE_WORLDS)} (got {args.world})")
+    common.require(args.world == "default" or args.data_dir is None, "world",
+                   f"{args.world} is a built-in world; it cannot be combined with --data-dir")
+    common.require(args.answers == "single" or args.world == "default", "answers",
+                   f"multi is only available in the default world (got --world {args.world})")
     common.require(args.answers == "single" or args.max_len >= QUESTION_LEN + 5, "max_len",
                    f"must be >= {QUESTION_LEN + 5} with --answers multi (got {args.max_len})")
     common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
@@ -1226,7 +1249,8 @@ def main(args: Args) -> dict:
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
     method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
-    name = common.run_name("mode", method, common.data_tag(args.data_dir), "tiny", args.seed)
+    slot = "tiny" if args.world == "default" else args.world  # a non-default world in the backbone slot
+    name = common.run_name("mode", method, common.data_tag(args.data_dir), slot, args.seed)
     run_dir, ckpt = common.open_run(args, name, "mode")
     loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1))
     print(f"run {name} -> {run_dir} (device: {device})")
