@@ -277,17 +277,24 @@ class DNSState:
     n_bar: int = 0
 
 
-def update_covariance(state: DNSState, xa, xb, wa, wb, a: str, b: str) -> None:
-    """End of step: running uncentered moments with the global sample count n_bar, float64."""
-    xa, xb, wa, wb = xa.double(), xb.double(), wa.double(), wb.double()
-    n_new = state.n_bar + len(xa)
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X in float64 (computed once per training split and modality, reused by later steps)."""
+    xd = x.double()
+    return xd.T @ xd
+
+
+def update_covariance(state: DNSState, ga, gb, n: int, wa, wb, a: str, b: str) -> None:
+    """End of step: running uncentered moments with the global sample count n_bar, float64
+    (ga, gb: the step's X^T X of a and b; n: its number of pairs)."""
+    wa, wb = wa.double(), wb.double()
+    n_new = state.n_bar + n
     keep = state.n_bar / n_new
-    sa, sb = xa.T @ xa / n_new, xb.T @ xb / n_new
+    sa, sb = ga / n_new, gb / n_new
     for m, s_own, w_partner, s_partner in ((a, sa, wb, sb), (b, sb, wa, sa)):
         d_in, d_out = s_own.shape[0], w_partner.shape[0]
         # Eq. (recursive uncentered covariance): C <- C * n_bar / n_new + X^T X / n_new
-        state.c_in[m] = state.c_in.get(m, torch.zeros(d_in, d_in, dtype=torch.float64, device=xa.device)) * keep + s_own
-        c_prev = state.c_out.get(m, torch.zeros(d_out, d_out, dtype=torch.float64, device=xa.device))
+        state.c_in[m] = state.c_in.get(m, torch.zeros(d_in, d_in, dtype=torch.float64, device=ga.device)) * keep + s_own
+        c_prev = state.c_out.get(m, torch.zeros(d_out, d_out, dtype=torch.float64, device=ga.device))
         state.c_out[m] = c_prev * keep + w_partner @ s_partner @ w_partner.T  # partner's projected features
     state.n_bar = n_new
 
@@ -337,14 +344,18 @@ def project_gradient(g: torch.Tensor, proj) -> torch.Tensor:
     return g - (g_in if p_out is None else left_mul(p_out, g_in))
 
 
-def project_gradient_factored(g: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, coef: float, proj) -> torch.Tensor:
+def project_gradient_factored(g: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, coef, proj) -> torch.Tensor:
     """Eq. (DNS) for a Linear, whose weight gradient is G = coef * Delta^T X (Delta = dL/dz, coef = the clip factor):
-    G - coef * (P_out Delta^T)(X P_in). Same value as project_gradient(g, proj), O(B d^2) instead of O(d^3)."""
+    G - coef * (P_out Delta^T)(X P_in), subtracted in place. Same value as project_gradient(g, proj) at O(B d^2),
+    or O(k d^2) when P_in = U U^T has rank k < B: G - coef * ((P_out Delta^T)(X U)) U^T."""
     if proj is None:
         return g
     p_out, p_in = proj
-    left = delta.T if p_out is None else left_mul(p_out, delta.T)
-    return g - coef * left @ right_mul(x, p_in)
+    left = coef * (delta.T if p_out is None else left_mul(p_out, delta.T))
+    u, complement = p_in
+    if not complement and u.shape[1] < x.shape[0]:
+        return g.addmm_(left @ (x @ u), u.T, alpha=-1)
+    return g.addmm_(left, right_mul(x, p_in), alpha=-1)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -813,9 +824,24 @@ def assemble_results(args, method, variant, names, mats, times, model, state, st
         timing_s=timing)
 
 
+def lower_half(c: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of a covariance, flattened: all that eigh and the updates read (half the bytes)."""
+    return c[torch.ones_like(c, dtype=torch.bool).tril()]
+
+
+def from_lower_half(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of lower_half: the symmetric matrix with that lower triangle."""
+    d = int(round(((8 * v.numel() + 1) ** 0.5 - 1) / 2))
+    c = torch.zeros(d, d, dtype=v.dtype, device=v.device)
+    c[torch.ones_like(c, dtype=torch.bool).tril()] = v
+    return c + c.tril(-1).T
+
+
 def checkpoint_state(model, state: DNSState, st: CLState, mats, times, gens) -> dict:
     """What a resumed run needs (never the training features)."""
-    return {"model": model.state_dict(), "dns": {"c_in": state.c_in, "c_out": state.c_out, "n_bar": state.n_bar},
+    dns_state = {"c_in": {m: lower_half(c) for m, c in state.c_in.items()},
+                 "c_out": {m: lower_half(c) for m, c in state.c_out.items()}, "n_bar": state.n_bar}
+    return {"model": model.state_dict(), "dns": dns_state,
             "cl": {k: getattr(st, k) for k in PERSISTED}, "mats": mats, "times": times,
             "rng": common.rng_state(gens)}
 
@@ -823,7 +849,9 @@ def checkpoint_state(model, state: DNSState, st: CLState, mats, times, gens) -> 
 def restore(ckpt: dict, model, state: DNSState, st: CLState, mats, times, gens, steps, datasets) -> int:
     """Load a checkpoint into the freshly built run (RNGs last); returns the number of completed steps."""
     model.load_state_dict(ckpt["model"])
-    state.c_in, state.c_out, state.n_bar = ckpt["dns"]["c_in"], ckpt["dns"]["c_out"], ckpt["dns"]["n_bar"]
+    state.c_in = {m: from_lower_half(v) for m, v in ckpt["dns"]["c_in"].items()}
+    state.c_out = {m: from_lower_half(v) for m, v in ckpt["dns"]["c_out"].items()}
+    state.n_bar = ckpt["dns"]["n_bar"]
     for k in PERSISTED:
         setattr(st, k, ckpt["cl"][k])
     for ds, a, b in steps[: ckpt["done"]]:
@@ -861,6 +889,7 @@ def main(args: Args) -> dict:
     mats = {k: [[None] * T for _ in range(T + 1)] for k in keys}
     times = {"train": [], "method": [], "projectors": [], "statistics": [], "eval": [], "checkpoint": []}
     state, st = DNSState({}, {}), new_cl_state(args.buffer_size if args.method in REPLAY else 0, embed_dim, device)
+    grams = {}  # DNS: X^T X per (dataset, modality), reused by later steps on the same split
     start = restore(ckpt, model, state, st, mats, times, gens, steps, datasets) if ckpt else 0
     if start == 0:  # row 0: the frozen backbone (identity projections)
         fill_row(mats, 0, evaluate(model, steps, datasets, args, "init"))
@@ -880,7 +909,11 @@ def main(args: Args) -> dict:
         with method_sw, sw["statistics"]:  # METHOD LOGIC: the step's statistics with the trained weights
             if args.method == "dns":
                 ca, cb = official_cov_pair(train, a, b) if args.official_cov_bug else (a, b)
-                update_covariance(state, train[ca], train[cb], model[a].weight.detach(), model[b].weight.detach(), a, b)
+                for m in (ca, cb):
+                    if (ds, m) not in grams:
+                        grams[(ds, m)] = gram(train[m])
+                update_covariance(state, grams[(ds, ca)], grams[(ds, cb)], len(xa), model[a].weight.detach(),
+                                  model[b].weight.detach(), a, b)
         with method_sw:
             end_step(st, model, t, a, b, xa, xb, args, mean_terms, gens["replay"])
         t_train = time.perf_counter() - t0

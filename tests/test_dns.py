@@ -69,7 +69,7 @@ def trained_state(gen, d=32, r=6, one_step=True):
     wa, wb = (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen),
               torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen))
     state = dns.DNSState({}, {})
-    dns.update_covariance(state, xa, xb, wa, wb, "a", "b")
+    dns.update_covariance(state, dns.gram(xa), dns.gram(xb), len(xa), wa, wb, "a", "b")
     return state, xa, xb, wa, wb
 
 
@@ -110,12 +110,14 @@ def test_dual_side_keeps_more_of_the_gradient_than_one_sided():
 def test_factored_projection_equals_reference():
     gen = torch.Generator().manual_seed(3)
     state, xa, xb, wa, wb = trained_state(gen)
-    x, delta = low_rank(16, 32, 6, gen), torch.randn(16, 32, generator=gen)
-    g = 0.7 * delta.T @ x  # a Linear's weight gradient, clipped by 0.7
-    for one_sided in (False, True):
-        proj = dns.build_projectors(state, "a", 1e-6, 1e-6, one_sided)
-        ref = dns.project_gradient(g, proj)
-        assert torch.allclose(dns.project_gradient_factored(g, delta, x, 0.7, proj), ref, atol=1e-5)
+    for batch in (16, 4):  # P_in of rank 6: the rank-k correction (k < B) and the B-wide one (k >= B)
+        x, delta = low_rank(batch, 32, 6, gen), torch.randn(batch, 32, generator=gen)
+        g = 0.7 * delta.T @ x  # a Linear's weight gradient, clipped by 0.7
+        for one_sided in (False, True):
+            proj = dns.build_projectors(state, "a", 1e-6, 1e-6, one_sided)
+            ref = dns.project_gradient(g, proj)
+            out = dns.project_gradient_factored(g.clone(), delta, x, torch.tensor(0.7), proj)
+            assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_never_seen_modality_is_not_projected():
@@ -126,13 +128,23 @@ def test_never_seen_modality_is_not_projected():
     assert torch.equal(dns.project_gradient(g, None), g)
 
 
+def test_checkpointed_covariance_keeps_what_eigh_reads():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    c = x.T @ x
+    c[0, 5] += 1e-9  # a GEMM result need not be exactly symmetric; eigh reads the lower triangle only
+    back = dns.from_lower_half(dns.lower_half(c))
+    assert dns.lower_half(c).numel() == 21 and torch.equal(back.tril(), c.tril()) and torch.equal(back, back.T)
+    assert all(torch.equal(u, v) for u, v in zip(torch.linalg.eigh(back), torch.linalg.eigh(c)))
+
+
 def test_covariance_update_matches_hand_formula():
     gen = torch.Generator().manual_seed(5)
     x1, y1, x2, z2 = (torch.randn(n, 4, generator=gen) for n in (3, 3, 5, 5))
     wa, wb, wc = (torch.randn(4, 4, generator=gen) for _ in range(3))
     st = dns.DNSState({}, {})
-    dns.update_covariance(st, x1, y1, wa, wb, "a", "b")
-    dns.update_covariance(st, x2, z2, wa, wc, "a", "c")  # global count: 3 then 8
+    dns.update_covariance(st, dns.gram(x1), dns.gram(y1), len(x1), wa, wb, "a", "b")
+    dns.update_covariance(st, dns.gram(x2), dns.gram(z2), len(x2), wa, wc, "a", "c")  # global count: 3 then 8
     d = lambda t: t.double()
     assert st.n_bar == 8
     assert torch.allclose(st.c_in["a"], (d(x1).T @ d(x1) / 3) * 3 / 8 + d(x2).T @ d(x2) / 8)
