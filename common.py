@@ -502,18 +502,49 @@ def mean_std_cell(vals: List[Optional[float]], digits: int, per_seed: bool = Fal
     return cell
 
 
-def paired_cell(x: Dict[int, Optional[float]], ref: Dict[int, Optional[float]], digits: int) -> str:
-    """Per-seed differences x_s - ref_s over seeds both have: 'mean ± s.e. (k/n)', k = #differences > 0."""
+def paired_cell(x: Dict[int, Optional[float]], ref: Dict[int, Optional[float]], digits: int,
+                test: bool = False) -> str:
+    """Per-seed differences x_s - ref_s over seeds both have: 'mean ± s.e. (k/n)', k = #differences > 0;
+    test: then '[95 % t-interval] p=<exact sign-flip p>'."""
     d = [x[s] - ref[s] for s in sorted(set(x) & set(ref)) if x[s] is not None and ref[s] is not None]
     if len(d) < 2:
         return "–"
     se = np.std(d, ddof=1) / math.sqrt(len(d))
-    return f"{np.mean(d):+.{digits}f} ± {se:.{digits}f} ({sum(v > 0 for v in d)}/{len(d)})"
+    cell = f"{np.mean(d):+.{digits}f} ± {se:.{digits}f} ({sum(v > 0 for v in d)}/{len(d)})"
+    if test:
+        lo, hi, p = paired_test(d)
+        cell += f" [{lo:+.{digits}f}, {hi:+.{digits}f}] p={p:.3f}"
+    return cell
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t (table up to df 30, Cornish-Fisher expansion beyond)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_test(d: List[float]) -> Tuple[float, float, float]:
+    """95 % t-interval of the mean difference and the exact two-sided sign-flip permutation p (all 2^n flips)."""
+    d = np.asarray(d, dtype=np.float64)
+    n = len(d)
+    if n > 20:
+        die(f"table: --test enumerates 2^n sign flips; {n} paired seeds is too many (at most 20)")
+    half = t975(n - 1) * np.std(d, ddof=1) / math.sqrt(n)
+    signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    flipped = np.abs((signs * d).mean(axis=1))
+    p = float(np.mean(flipped >= abs(d.mean()) - 1e-12))
+    return float(d.mean() - half), float(d.mean() + half), p
 
 
 def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = None, paired_with: Optional[str] = None,
           only: Optional[str] = None, per_seed: bool = False, digits: int = 2, out: Optional[str] = None,
-          paired_only: bool = False) -> str:
+          paired_only: bool = False, test: bool = False) -> str:
     """Markdown table over every results.json under DIRS: one row per (script, method, variant, data, backbone),
     cells mean ± std over seeds (n = seed count); --paired-with METHOD[:VARIANT] adds the per-seed differences
     against that configuration (same script, data and backbone; seeds matched by value) as mean ± s.e. (k/n).
@@ -527,6 +558,7 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
         digits: decimals
         out: also write the table to this file
         paired_only: with --paired-with, print only the paired differences
+        test: with --paired-with, add each difference's 95 % t-interval and exact sign-flip p
     """
     if not dirs:
         die("table: give at least one folder of runs")
@@ -544,7 +576,7 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
         cells = [mean_std_cell([_metric_value(g[s], m) for s in seeds], digits, per_seed) for m in metrics]
         lines.append("| " + " | ".join([str(k[i]) or "(defaults)" for i in shown] + [str(len(seeds))] + cells) + " |")
     if paired_with:
-        paired = _paired_lines(groups, keys, shown, metrics, paired_with, digits)
+        paired = _paired_lines(groups, keys, shown, metrics, paired_with, digits, test)
         lines = paired if paired_only else lines + [""] + paired
     text = "\n".join(lines)
     if out:
@@ -553,7 +585,7 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
     return text
 
 
-def _paired_lines(groups, keys, shown, metrics, paired_with: str, digits: int) -> List[str]:
+def _paired_lines(groups, keys, shown, metrics, paired_with: str, digits: int, test: bool) -> List[str]:
     method, _, variant = paired_with.partition(":")
     head = [GROUP_KEYS[i] for i in shown] + ["paired seeds"] + [f"Δ {m} vs {paired_with}" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -564,7 +596,7 @@ def _paired_lines(groups, keys, shown, metrics, paired_with: str, digits: int) -
         g, ref = groups[k], groups[ref_key]
         n = len(set(g) & set(ref))
         cells = [paired_cell({s: _metric_value(r, m) for s, r in g.items()},
-                             {s: _metric_value(r, m) for s, r in ref.items()}, digits) for m in metrics]
+                             {s: _metric_value(r, m) for s, r in ref.items()}, digits, test) for m in metrics]
         lines.append("| " + " | ".join([str(k[i]) or "(defaults)" for i in shown] + [str(n)] + cells) + " |")
     if len(lines) == 2:
         die(f"table: --paired-with {paired_with}: no configuration with that method/variant to pair against")

@@ -1,5 +1,6 @@
 """Hand-computed checks of the continual-learning metric formulas in common.py."""
 
+import itertools
 import json
 
 import pytest
@@ -205,3 +206,22 @@ def test_read_npz_rejects_pickled_arrays(tmp_path):
         data.read_npz(str(tmp_path / "x.npz"))
     with pytest.raises(data.DataError, match="missing.npz: file not found \\(hint\\)"):
         data.read_npz(str(tmp_path / "missing.npz"), hint="hint")
+
+
+def test_paired_test_hand_values():
+    lo, hi, p = common.paired_test([1.0, 2.0, 3.0])  # mean 2, s.e. 1/sqrt(3), t(2) = 4.303
+    assert abs(lo - (2 - 4.303 / 3 ** 0.5)) < 1e-9 and abs(hi - (2 + 4.303 / 3 ** 0.5)) < 1e-9
+    assert p == 2 / 8  # only all-plus and all-minus reach |mean| >= 2
+    d = [1.0, -1.0, 2.0, 2.0, 0.5]
+    hits = [abs(sum(s * v for s, v in zip(signs, d))) >= abs(sum(d)) - 1e-12
+            for signs in itertools.product((1, -1), repeat=len(d))]
+    assert common.paired_test(d)[2] == sum(hits) / 32
+    assert abs(common.t975(31) - 2.0395) < 1e-3 and common.t975(9) == 2.262
+
+
+def test_table_test_flag_adds_interval_and_p(tmp_path):
+    for seed, (a, b) in enumerate([(3.0, 2.0), (5.0, 3.0), (4.0, 1.0)], start=1):
+        _fake_run(tmp_path, "x", seed, a, 0.0)
+        _fake_run(tmp_path, "ref", seed, b, 0.0)
+    text = common.table([str(tmp_path)], metrics=["acc"], paired_with="ref", paired_only=True, test=True)
+    assert "+2.00 ± 0.58 (3/3) [-0.48, +4.48] p=0.250" in text
