@@ -113,7 +113,7 @@ import tyro
 import common
 import data
 
-RET_PAIRS = ["VT", "AT", "IT", "VA", "IA"]
+RET_PAIRS = ["VT", "AT", "IT", "VA", "IA", "ST"]
 RET_KEYS = ["avg"] + [f"r{k}_{d}" for d in ("fwd", "bwd") for k in (1, 5, 10)]
 LETTER = data.COMET_LETTERS
 MEDIATOR = "text"
@@ -250,6 +250,8 @@ class Args:
     """threshold rule: tau_k = this quantile of stage k-1's mediator-to-nearest-code squared distances, in (0, 1]"""
     pmr_mediator: Literal["live", "frozen"] = "live"
     """PMR mediator features: the live Phi_text (+adapter) or its frozen copy from the end of the previous stage"""
+    avvp_loss: Literal["bce", "bce+explog"] = "bce"
+    """loss of the per-step heads (loc, xds): BCE, or BCE + CMG's ExpLogLoss (learnable per-class alpha, init 0.1)"""
     cls_steps: int = 200
     """full-batch Adam steps of each downstream head"""
     cls_lr: float = 5e-3
@@ -266,7 +268,7 @@ VARIANT_FIELDS = ("order", "n_pairs", "n_per_class", "n_test", "seq_len", "sty",
                   "min_steps_per_stage", "batch_size", "lr", "max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff",
                   "d_spec", "k1", "k2", "beta", "ema_decay", "reset_after", "club_steps", "club_lr", "cpc_self_weight",
                   "num_experts", "gate_weight", "ewc_lambda", "fisher_batches", "pmr_new_weight", "pmr_assign",
-                  "pmr_quantile", "pmr_mediator", "cls_steps", "cls_lr", "use_threshold")
+                  "pmr_quantile", "pmr_mediator", "avvp_loss", "cls_steps", "cls_lr", "use_threshold")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -655,16 +657,28 @@ def quantize_all(model: CometModel, m: str, x: np.ndarray, where: str = "", bs: 
     return q, torch.cat(idx), (torch.cat(gs) if gs[0] is not None else None)
 
 
+def explog_loss(logits, targets, alpha):
+    """CMG's AVVP ExpLogLoss: -mean over steps of sum_c y_c log softmax(logits)_c exp(-alpha_c), alpha learnable."""
+    return -(targets * torch.log_softmax(logits, -1) * torch.exp(-alpha)).sum(-1).mean()
+
+
 def train_head(feats, targets, n_out: int, per_step: bool, args: Args, seed: int, where: str = ""):
-    """Full-batch Adam on a Linear -> (max over T) -> Linear head from a seeded init; CE or per-step BCE."""
+    """Full-batch Adam on a Linear -> (max over T) -> Linear head from a seeded init; CE or per-step BCE (with
+    --avvp-loss bce+explog plus the ExpLogLoss, its alpha = head.alpha in the same Adam, as CMG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Sequential(nn.Linear(feats.shape[-1], feats.shape[-1]), nn.Linear(feats.shape[-1], n_out))
     head = head.to(feats.device)
+    explog = per_step and args.avvp_loss == "bce+explog"
+    if explog:
+        head.register_parameter("alpha", nn.Parameter(torch.full((n_out,), 0.1, device=feats.device)))
     opt = torch.optim.Adam(head.parameters(), lr=args.cls_lr)
     for _ in range(args.cls_steps):
         if per_step:
-            loss = F.binary_cross_entropy_with_logits(head(feats), targets)
+            logits = head(feats)
+            loss = F.binary_cross_entropy_with_logits(logits, targets)
+            if explog:
+                loss = loss + explog_loss(logits, targets, head.alpha)
         else:
             loss = F.cross_entropy(head[1](head[0](feats).amax(1)), targets)
         opt.zero_grad()
@@ -690,13 +704,14 @@ def f1_score(logits, targets, where: str = "") -> float:
 
 
 def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Dict[str, float]]:
-    """AVE analog (classification) and AVVP analog (per-step localization), both directions + within."""
+    """AVE analog (classification), AVVP analog (per-step localisation) and AVE -> AVVP (the localiser trained on
+    va_train, tested on the other data set avvp_test), both directions + within."""
     q = {(s, m): quantize_all(model, m, dd[f"va_{s}"][m], where)[0]
          for s in ("train", "test") for m in ("video", "audio")}
     dev = model.codebook.embed.device
     ytr, yte = (torch.from_numpy(dd[f"va_{s}"]["label"]).to(dev) for s in ("train", "test"))
     n_cls = int(ytr.max()) + 1
-    out = {"cls": {}, "loc": {}}
+    out = {"cls": {}, "loc": {}, "xds": {}}
     for k, (src, tgt) in enumerate((("video", "audio"), ("audio", "video"))):
         at = f"{where}, {src} classifier"
         head = train_head(q["train", src], ytr, n_cls, False, args, common.derive_seed(args.seed, f"head/cls/{k}"), at)
@@ -706,13 +721,32 @@ def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = 
                 out["cls"][f"{src[0].upper()}->{m[0].upper()}"] = accuracy(logits, yte, at)
         if "step_label" in dd["va_train"] and "step_label" in dd["va_test"]:
             at = f"{where}, {src} localiser"
-            onehot = [F.one_hot(torch.from_numpy(dd[f"va_{s}"]["step_label"]) + 1, n_cls + 1).float().to(dev)
-                      for s in ("train", "test")]
+            onehot = [step_onehot(dd[f"va_{s}"]["step_label"], n_cls, dev) for s in ("train", "test")]
             seed = common.derive_seed(args.seed, f"head/loc/{k}")
             head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, seed, at)
             with torch.no_grad():
                 out["loc"][f"{src[0].upper()}->{tgt[0].upper()}"] = f1_score(head(q["test", tgt]), onehot[1], at)
+        if "avvp_test" in dd and "step_label" in dd["va_train"]:
+            out["xds"][f"{src[0].upper()}->{tgt[0].upper()}"] = cross_dataset_f1(model, args, dd, q["train", src],
+                                                                                   n_cls, k, tgt, where)
     return out
+
+
+def step_onehot(step_label: np.ndarray, n_cls: int, dev):
+    """Per-step targets [N, T, n_cls + 1]: column 0 = background (step label -1), column c + 1 = class c."""
+    return F.one_hot(torch.from_numpy(step_label) + 1, n_cls + 1).float().to(dev)
+
+
+def cross_dataset_f1(model: CometModel, args: Args, dd: Dict[str, dict], feats, n_cls: int, k: int, tgt: str,
+                     where: str = "") -> float:
+    """AVE -> AVVP (CMG's ave_avvp): a localiser trained on va_train's source-modality codes and step labels (its own
+    seed), tested on avvp_test's target-modality codes against that modality's own step labels."""
+    at = f"{where}, cross-dataset localiser"
+    head = train_head(feats, step_onehot(dd["va_train"]["step_label"], n_cls, feats.device), n_cls + 1, True, args,
+                      common.derive_seed(args.seed, f"head/xds/{k}"), at)
+    qt = quantize_all(model, tgt, dd["avvp_test"][tgt], where)[0]
+    with torch.no_grad():
+        return f1_score(head(qt), step_onehot(dd["avvp_test"][f"step_label_{tgt}"], n_cls, feats.device), at)
 
 
 @torch.no_grad()
@@ -727,7 +761,7 @@ def retrieval(model: CometModel, dd: Dict[str, dict], where: str = "") -> Dict[s
                   for m in (a, b))
         fwd = common.recall_at_k(ea @ eb.t(), where=f"{where}, {pair}")
         bwd = common.recall_at_k(eb @ ea.t(), where=f"{where}, {pair}")
-        out[pair] = {"avg": float(np.mean(fwd + bwd))}
+        out[pair] = {"avg": float(np.mean(fwd + bwd)), "n": len(ea)}  # n candidates per query
         for d, vals in (("fwd", fwd), ("bwd", bwd)):
             out[pair].update({f"r{k}_{d}": v for k, v in zip((1, 5, 10), vals)})
     return out
@@ -736,9 +770,10 @@ def retrieval(model: CometModel, dd: Dict[str, dict], where: str = "") -> Dict[s
 @torch.no_grad()
 def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Optional[float]]:
     """Code sharing, same-pair V/A code agreement, perplexity, expert load entropy."""
-    probes = {"video": [dd["va_test"]["video"]], "audio": [dd["va_test"]["audio"]], "text": [], "image": []}
-    for name in ("vt_test", "at_test", "it_test", "ia_test"):
-        for m in ("text", "image"):
+    probes = {"video": [dd["va_test"]["video"]], "audio": [dd["va_test"]["audio"]], "text": [], "image": [],
+              "speech": []}
+    for name in ("vt_test", "at_test", "it_test", "ia_test", "st_test"):
+        for m in ("text", "image", "speech"):
             if name in dd and m in dd[name]:
                 probes[m].append(dd[name][m])
     K = model.codebook.embed.shape[0]
@@ -773,22 +808,32 @@ def va_avg(ev: dict) -> float:
     return float(np.mean([ev["cls"]["V->A"], ev["cls"]["A->V"]] + list(ev["loc"].values())))
 
 
+def va_avg6(ev: dict) -> Optional[float]:
+    """The paper's "Avg." (Table 1/6): mean of the 6 V<->A numbers, cls, loc and xds both ways; None without all 6."""
+    vals = [ev["cls"]["V->A"], ev["cls"]["A->V"]] + list(ev["loc"].values()) + list(ev.get("xds", {}).values())
+    return float(np.mean(vals)) if len(vals) == 6 else None
+
+
 def row_scalars(ev: dict) -> Dict[str, Optional[float]]:
     """One evaluation row as TensorBoard / W&B scalars."""
     out = {f"charts/cls_{k.replace('->', '2')}": v for k, v in ev["cls"].items()}
-    out.update({f"charts/loc_{k.replace('->', '2')}": v for k, v in ev["loc"].items()})
+    out.update({f"charts/{s}_{k.replace('->', '2')}": v for s in ("loc", "xds") for k, v in ev.get(s, {}).items()})
     out.update({f"charts/ret_{p}": r["avg"] for p, r in ev["ret"].items()})
     out.update({f"charts/{k}": v for k, v in ev["diag"].items()})
     out["charts/va_avg"] = va_avg(ev)
+    if va_avg6(ev) is not None:
+        out["charts/va_avg6"] = va_avg6(ev)
     return out
 
 
 def stage_table(evals: List[dict], row_names: List[str]) -> str:
-    cols = ["V>A", "A>V", "V>V", "F1va", "F1av", "VT", "AT", "IT", "VA", "IA", "multi", "agree", "ppl", "gateH"]
+    pairs = [p for p in RET_PAIRS if p in evals[-1]["ret"]]
+    cols = ["V>A", "A>V", "V>V", "F1va", "F1av", "Xva", "Xav"] + pairs + ["multi", "agree", "ppl", "gateH"]
     rows = []
     for ev in evals:
-        r = [ev["cls"].get(k) for k in ("V->A", "A->V", "V->V")] + [ev["loc"].get(k) for k in ("V->A", "A->V")]
-        r += [ev["ret"][p]["avg"] if p in ev["ret"] else None for p in RET_PAIRS]
+        r = [ev["cls"].get(k) for k in ("V->A", "A->V", "V->V")]
+        r += [ev[s].get(k) if s in ev else None for s in ("loc", "xds") for k in ("V->A", "A->V")]
+        r += [ev["ret"][p]["avg"] if p in ev["ret"] else None for p in pairs]
         rows.append(r + [ev["diag"][k] for k in ("multi_share", "code_agree", "perplexity", "gate_entropy")])
     return common.format_matrix(rows, row_names, cols)
 
@@ -810,11 +855,15 @@ def build_results(evals: List[dict], stages: List[List[str]]):
            for p in RET_PAIRS if p in evals[-1]["ret"]}
     down = {"cls_acc": {d: [ev["cls"][d] for ev in evals] for d in evals[-1]["cls"]},
             "loc_f1": {d: [ev["loc"][d] for ev in evals] for d in evals[-1]["loc"]},
-            "va_avg": [va_avg(ev) for ev in evals]}
+            "va_avg": [va_avg(ev) for ev in evals],
+            "xds_f1": {d: [ev["xds"][d] for ev in evals] for d in evals[-1].get("xds", {})},
+            "va_avg6": [va_avg6(ev) for ev in evals]}
     extra = {"retrieval": ret, "downstream": down, "diagnostics": {k: [ev["diag"][k] for ev in evals]
-                                                                    for k in evals[-1]["diag"]}}
+                                                                    for k in evals[-1]["diag"]},
+             "ret_candidates": {p: evals[-1]["ret"][p]["n"] for p in ret}}
     series = {f"ret_{key}": {p: v[key] for p, v in ret.items() if p not in names} for key in RET_KEYS}
     series.update({"cls_acc": down["cls_acc"], "loc_f1": down["loc_f1"], "va_avg": {"V<->A": down["va_avg"]}})
+    series.update({"xds_f1": down["xds_f1"], "va_avg6": {"V<->A": down["va_avg6"]}})
     series.update({k: {"all": v} for k, v in extra["diagnostics"].items()})
     return M, extra, make_summary(evals, M, names, extra), series
 
@@ -835,6 +884,11 @@ def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> D
     summary.update({f"{p.lower()}_ret": last["ret"].get(p, {}).get("avg") for p in ("VT", "VA", "IA")})
     summary.update(last["diag"])
     summary.update({f"va_avg_s{k}": extra["downstream"]["va_avg"][k] for k in range(1, T + 1)})
+    xds = list(last.get("xds", {}).values())  # new keys: the AVE -> AVVP pair and the paper's six-number average
+    summary["va_xds"] = float(np.mean(xds)) if xds else None
+    summary["st_ret"] = last["ret"].get("ST", {}).get("avg")
+    summary["va_avg6"] = va_avg6(last)
+    summary.update({f"va_avg6_s{k}": extra["downstream"]["va_avg6"][k] for k in range(1, T + 1)})
     return summary
 
 
@@ -845,8 +899,8 @@ def validate(args: Args) -> None:
     req(bool(args.order) and len(set(args.order)) == len(args.order), "order",
         f"pairs must be distinct and non-empty, got {args.order}")
     for p in args.order:
-        req(p in data.COMET_PAIR_CLASSES, "order",
-            f"unknown pair '{p}' (choose from {list(data.COMET_PAIR_CLASSES)}, each with the mediator text)")
+        req(p in data.COMET_PAIRS, "order",
+            f"unknown pair '{p}' (choose from {data.COMET_PAIRS}, each with the mediator text)")
     for f in ("epochs", "batch_size", "d_model", "n_layers", "n_heads", "d_ff", "d_spec", "k1", "num_experts",
               "reset_after", "fisher_batches", "cls_steps", "n_pairs", "n_per_class", "n_test"):
         req(getattr(args, f) >= 1, f, f"must be >= 1, got {getattr(args, f)}")
@@ -861,7 +915,8 @@ def validate(args: Args) -> None:
     req(0 <= args.pmr_new_weight <= 1, "pmr_new_weight", f"must be in [0, 1], got {args.pmr_new_weight}")
     req(0 < args.pmr_quantile <= 1, "pmr_quantile", f"must be in (0, 1], got {args.pmr_quantile}")
     req(args.min_steps_per_stage >= 0, "min_steps_per_stage", f"must be >= 0, got {args.min_steps_per_stage}")
-    for f, choices in (("pmr_assign", ("threshold", "teacher", "union")), ("pmr_mediator", ("live", "frozen"))):
+    for f, choices in (("pmr_assign", ("threshold", "teacher", "union")), ("pmr_mediator", ("live", "frozen")),
+                       ("avvp_loss", ("bce", "bce+explog"))):
         req(getattr(args, f) in choices, f, f"must be one of {choices}, got {getattr(args, f)}")
     for f in ("pmr_new_weight", "pmr_assign", "pmr_quantile", "pmr_mediator"):
         req((args.comet and args.pmr) or getattr(args, f) == getattr(Args, f), f,
@@ -881,7 +936,7 @@ def load_data(args: Args) -> Dict[str, dict]:
             dd = data.load_comet_npz(args.data_dir, args.order)
         else:
             dd = data.comet_benchmark(args.seed, args.n_pairs, args.n_per_class, args.n_test, args.seq_len,
-                                      args.sty, args.noise, args.shared, args.dom)
+                                      args.sty, args.noise, args.shared, args.dom, speech="ST" in args.order)
     except data.DataError as e:
         common.die(str(e))
     common.require(dd["va_train"]["video"].shape[1] >= 3, "data_dir", "sequences need T >= 3 steps")
@@ -900,7 +955,7 @@ def modality_dims(dd: Dict[str, dict]) -> Dict[str, int]:
     dims = {}
     for d in dd.values():
         dims.update({m: a.shape[-1] for m, a in d.items() if a.ndim == 3})
-    return {m: dims[m] for m in ("video", "audio", "text", "image") if m in dims}
+    return {m: dims[m] for m in ("video", "audio", "text", "image", "speech") if m in dims}
 
 
 def reseed(args: Args, gens: Dict[str, torch.Generator], k: int) -> None:
