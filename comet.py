@@ -26,7 +26,10 @@ Usage:
     python comet.py --no-comet                       # continual DCID (fixed codebook, no adapter, no replay)
     python comet.py --no-comet --k1 64               # same-capacity DCID control (COMET ends with 32+16+16 codes)
     python comet.py --joint --no-comet               # non-continual oracle: all pairs in one stage
-    python comet.py --data-dir feats/                # real features {vt,at,it,va}_{train,test}.npz, ia_test.npz
+    python comet.py --order VT ST AT                 # the segmentation experiments' order (built-in speech)
+    python comet.py --avvp-loss bce+explog           # per-step heads with CMG's ExpLogLoss beside BCE
+    python comet.py --data-dir feats/                # real features {vt,at,it,st,va}_{train,test}.npz, ia_test.npz,
+                                                     # avvp_test.npz
                                                      # (each stage trains >= --min-steps-per-stage 300 steps)
     python comet.py --resume runs/RUN                # continue a killed run from its last completed stage
 
@@ -35,10 +38,14 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
                codes (va_train) and tested on Y's codes (va_test): the AVE analog; X->X = within-modality
     loc X->Y   F1 = 2PR/(P+R) of a per-step classifier (Linear -> Linear, BCE, threshold 0.5) over all
                step x class cells (background included): the AVVP analog
+    xds X->Y   AVE -> AVVP (CMG's ave_avvp): a per-step classifier trained on X's codes of va_train, its F1 on
+               Y's codes of the other data set avvp_test (shorter events, per-modality step labels)
     ret XY     R@1/5/10 for X->Y and Y->X (cosine of the time-mean quantised vectors, ties in expectation,
-               common.recall_at_k); avg = mean of the 6 numbers. Seen pairs VT/AT/IT, unseen VA/IA
-    va_acc     mean(cls V->A, cls A->V) after the last stage; va_f1 likewise; va_avg = mean of the 4
-               (va_avg_s{k}: after stage k)
+               common.recall_at_k); avg = mean of the 6 numbers. Seen pairs VT/AT/IT (ST), unseen VA/IA;
+               every item of {pair}_test is a candidate (VA: va_test, 8 x n_per_class; extra.ret_candidates)
+    va_acc     mean(cls V->A, cls A->V) after the last stage; va_f1, va_xds likewise; va_avg = mean of cls and loc
+               (4 numbers, va_avg_s{k}: after stage k); va_avg6 = the paper's "Avg.", mean of cls, loc and xds
+               (6 numbers, va_avg6_s{k})
     vt_forgetting  ret VT avg right after the VT stage - after the last stage
     seen_forgetting  common.forgetting of the stage x stage seen-pair matrix (Chaudhry et al.)
     multi_share share of all K codes used by >= 2 modalities (used = >= `use_threshold` of that modality's
@@ -48,12 +55,12 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
 
 Outputs (common.results_envelope): `tasks` = the stages; `matrices` = the stage pairs' retrieval
 (ret_avg, ret_r{1,5,10}_{fwd,bwd}; a --joint stage scores the mean over its pairs); `extra` holds per-row
-series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg),
-`diagnostics`, `train_steps`, and per stage from stage 2 on: `pmr_old_share` and `pmr_cpc_share` (per epoch:
-share of pseudo positions on old teacher codes; share of the Cross-CPC loss from the terms with P) and `pmr_tau`
-(the threshold rule's tau_k); `summary` is flat. Exit codes: 0 done, 1 diverged (a non-finite loss stops the run
-at the end of its epoch, naming stage, epoch and term; no results.json), 2 bad input or hyperparameter (nothing
-written).
+series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg, xds_f1,
+va_avg6), `diagnostics`, `ret_candidates`, `train_steps`, and per stage from stage 2 on: `pmr_old_share` and
+`pmr_cpc_share` (per epoch: share of pseudo positions on old teacher codes; share of the Cross-CPC loss from the
+terms with P) and `pmr_tau` (the threshold rule's tau_k); `summary` is flat. Exit codes: 0 done, 1 diverged (a
+non-finite loss stops the run at the end of its epoch, naming stage, epoch and term; no results.json), 2 bad input
+or hyperparameter (nothing written).
 
 Seeds (paired across configurations): every module is initialised from its own seed
 common.derive_seed(seed, "init/<module>"); at the start of stage k the batch order, the CLUB negatives and
@@ -90,10 +97,14 @@ Deviations and assumptions (where the paper is silent, the choice is stated here
      --no-expand keeps one codebook of k1 codes (replay from its frozen copy); --no-moe removes the adapter
      and with it gate, EWC and specific layers (as in Table 6), so those switches are refused beside it.
   8. CPC: 1-layer LSTM (paper; the code has 2), 1 prediction step. CLUB: 3 inner Adam steps (code: 5).
-     AVVP's extra ExpLogLoss is omitted; downstream heads are trained full batch for `cls_steps` steps
-     from a seeded init, test sets are separate samples (CMG's ave.py tests on train videos).
+     Per-step heads use BCE (--avvp-loss bce+explog adds CMG's ExpLogLoss); downstream heads are trained full
+     batch for `cls_steps` steps from a seeded init, scored once at the end (CMG reports the best epoch on the test
+     set), test sets are separate samples (CMG's ave.py tests on train videos).
   9. Runs on CUDA when available and --cuda (the model is CPU-sized; only CPU runs are promised
      bit-identical across a --resume).
+ 10. Speech (--order VT ST AT): a built-in speech modality renders the caption's token plan step by step (speech
+     step t says text token t); real speech features must be time-aligned to the caption's T steps. The paper's
+     Table 5 task (Ref-YouTube-VOS segmentation with ReferFormer) is out of scope.
 """
 
 import contextlib
@@ -856,7 +867,7 @@ def build_results(evals: List[dict], stages: List[List[str]]):
     down = {"cls_acc": {d: [ev["cls"][d] for ev in evals] for d in evals[-1]["cls"]},
             "loc_f1": {d: [ev["loc"][d] for ev in evals] for d in evals[-1]["loc"]},
             "va_avg": [va_avg(ev) for ev in evals],
-            "xds_f1": {d: [ev["xds"][d] for ev in evals] for d in evals[-1].get("xds", {})},
+            "xds_f1": {d: [ev.get("xds", {}).get(d) for ev in evals] for d in evals[-1].get("xds", {})},
             "va_avg6": [va_avg6(ev) for ev in evals]}
     extra = {"retrieval": ret, "downstream": down, "diagnostics": {k: [ev["diag"][k] for ev in evals]
                                                                     for k in evals[-1]["diag"]},
@@ -1002,7 +1013,7 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
     opt, logs = torch.optim.Adam(params, lr=args.lr), {key: [] for key in PMR_LOGS}
     for epoch in range(plan[k]):
         perms = {p: torch.randperm(n_min, generator=gens["shuffle"]) for p in train}
-        sums, t0 = {}, time.perf_counter()
+        sums, t0 = {}, (time.perf_counter(), time.process_time())
         for i in range(steps):
             opt.zero_grad()
             for p in train:  # one pair per stage; all pairs (gradients summed) with --joint
@@ -1016,21 +1027,24 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             model.codebook.reset_dead(args.reset_after, start=reset_from, g=gens["reset"])
-        vals = end_epoch(model, sums, loggers, k, name, epoch, plan, time.perf_counter() - t0, steps * len(train) * bs)
+        dt = (time.perf_counter() - t0[0], time.process_time() - t0[1])
+        vals = end_epoch(model, sums, loggers, k, name, epoch, plan, dt, steps * len(train) * bs)
+        run["time"]["train_cpu"] = run["time"].get("train_cpu", 0.0) + dt[1]
         for key in PMR_LOGS:
             logs[key].append(vals.get(key))
     return steps * plan[k], {key: (v if pmr is not None else None) for key, v in logs.items()}
 
 
-def end_epoch(model: CometModel, sums: dict, loggers, k: int, name: str, epoch: int, plan: List[int], dt: float,
+def end_epoch(model: CometModel, sums: dict, loggers, k: int, name: str, epoch: int, plan: List[int], dt: tuple,
               n_pairs: int) -> Dict[str, float]:
-    """Divergence check (exit 1), the epoch's loss line and its scalars (x = epochs so far); returns the means."""
+    """Divergence check (exit 1), the epoch's loss line with its (wall, CPU) seconds dt and its scalars (x = epochs
+    so far); returns the means."""
     vals = {n: float(v) for n, v in sums.items()}
     common.stop_if_diverged(vals, f"stage {k + 1} ({name}) epoch {epoch + 1}")
     parts = " ".join(f"{n} {v:.3f}" for n, v in vals.items())
     total = sum(v for n, v in vals.items() if n not in AUX_TERMS)
     print(f"[{name}] epoch {epoch + 1}/{plan[k]} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
-          f"{dt:.1f}s {n_pairs / max(dt, 1e-9):.0f} pairs/s")
+          f"{dt[0]:.1f}s (cpu {dt[1]:.1f}s) {n_pairs / max(dt[0], 1e-9):.0f} pairs/s")
     scalars = {(f"train/{n}" if n in AUX_TERMS else f"losses/{n}"): v for n, v in vals.items()}
     common.log_scalars(loggers, scalars, sum(plan[:k]) + epoch + 1)
     return vals

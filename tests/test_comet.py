@@ -719,7 +719,10 @@ def test_tyro_parse_and_help(capsys):
     assert (c.pmr_assign, c.pmr_mediator, c.pmr_quantile, c.min_steps_per_stage) == ("teacher", "frozen", 0.9, 0)
     d = tyro.cli(comet.Args, args=[])
     assert (d.pmr_assign, d.pmr_mediator, d.pmr_quantile, d.min_steps_per_stage) == ("threshold", "live", 0.95, 300)
-    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"], ["--pmr-assign", "nearest"]):
+    e = tyro.cli(comet.Args, args=["--avvp-loss", "bce+explog", "--order", "VT", "ST", "AT"])
+    assert (e.avvp_loss, e.order, d.avvp_loss) == ("bce+explog", ["VT", "ST", "AT"], "bce")
+    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"], ["--pmr-assign", "nearest"],
+                ["--avvp-loss", "explog"]):
         with pytest.raises(SystemExit) as e:
             tyro.cli(comet.Args, args=bad, console_outputs=False)
         assert e.value.code == 2
@@ -769,7 +772,7 @@ def test_every_ablation_runs_three_stages(tmp_path, flags, method, capsys):
     s = res["summary"]
     assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s.values())
     assert 0 <= s["va_acc"] <= 100 and 0 <= s["va_f1"] <= 100 and s["vt_forgetting"] is not None
-    assert s["va_avg_s3"] == s["va_avg"] and set(res["timing_s"]) == {"train", "eval", "total"}
+    assert s["va_avg_s3"] == s["va_avg"] and set(res["timing_s"]) == {"train", "eval", "total", "train_cpu"}
     ex = res["extra"]
     last = {(k, d): v[-1] for k in ("cls_acc", "loc_f1", "xds_f1") for d, v in ex["downstream"][k].items()
             if k != "cls_acc" or d in ("V->A", "A->V")}
