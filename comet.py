@@ -172,7 +172,7 @@ class Args:
     data_dir: Optional[str] = None
     """folder of real features `{pair}_{split}.npz` (see data.load_comet_npz); default: built-in benchmark"""
     order: List[str] = field(default_factory=lambda: ["VT", "AT", "IT"])
-    """the stages, one pair each, every pair with the mediator text (VT, AT, IT)"""
+    """the stages, one pair each, every pair with the mediator text (VT, AT, IT, ST = speech)"""
     n_pairs: int = 2000
     """built-in: training pairs per stage"""
     n_per_class: int = 80
