@@ -885,6 +885,12 @@ def test_old_result_keys_bit_identical_to_before_avvp_and_speech(tmp_path, flags
     assert old_keys_hash(json.loads(json.dumps(res))) == digest
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_same_seed_identical(tmp_path):
+    a, b = (comet.main(tiny_args(tmp_path, name, cuda=True)) for name in ("a", "b"))
+    assert a["env"]["device"] == "cuda" and a["matrices"] == b["matrices"] and a["summary"] == b["summary"]
+
+
 def test_order_vt_st_at_with_speech(tmp_path):
     res = comet.main(tiny_args(tmp_path, order=["VT", "ST", "AT"]))
     ex, s = res["extra"], res["summary"]
