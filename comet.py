@@ -26,7 +26,10 @@ Usage:
     python comet.py --no-comet                       # continual DCID (fixed codebook, no adapter, no replay)
     python comet.py --no-comet --k1 64               # same-capacity DCID control (COMET ends with 32+16+16 codes)
     python comet.py --joint --no-comet               # non-continual oracle: all pairs in one stage
-    python comet.py --data-dir feats/                # real features {vt,at,it,va}_{train,test}.npz, ia_test.npz
+    python comet.py --order VT ST AT                 # the segmentation experiments' order (built-in speech)
+    python comet.py --avvp-loss bce+explog           # per-step heads with CMG's ExpLogLoss beside BCE
+    python comet.py --data-dir feats/                # real features {vt,at,it,st,va}_{train,test}.npz, ia_test.npz,
+                                                     # avvp_test.npz
                                                      # (each stage trains >= --min-steps-per-stage 300 steps)
     python comet.py --resume runs/RUN                # continue a killed run from its last completed stage
 
@@ -35,10 +38,14 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
                codes (va_train) and tested on Y's codes (va_test): the AVE analog; X->X = within-modality
     loc X->Y   F1 = 2PR/(P+R) of a per-step classifier (Linear -> Linear, BCE, threshold 0.5) over all
                step x class cells (background included): the AVVP analog
+    xds X->Y   AVE -> AVVP (CMG's ave_avvp): a per-step classifier trained on X's codes of va_train, its F1 on
+               Y's codes of the other data set avvp_test (shorter events, per-modality step labels)
     ret XY     R@1/5/10 for X->Y and Y->X (cosine of the time-mean quantised vectors, ties in expectation,
-               common.recall_at_k); avg = mean of the 6 numbers. Seen pairs VT/AT/IT, unseen VA/IA
-    va_acc     mean(cls V->A, cls A->V) after the last stage; va_f1 likewise; va_avg = mean of the 4
-               (va_avg_s{k}: after stage k)
+               common.recall_at_k); avg = mean of the 6 numbers. Seen pairs VT/AT/IT (ST), unseen VA/IA;
+               every item of {pair}_test is a candidate (VA: va_test, 8 x n_per_class; extra.ret_candidates)
+    va_acc     mean(cls V->A, cls A->V) after the last stage; va_f1, va_xds likewise; va_avg = mean of cls and loc
+               (4 numbers, va_avg_s{k}: after stage k); va_avg6 = the paper's "Avg.", mean of cls, loc and xds
+               (6 numbers, va_avg6_s{k})
     vt_forgetting  ret VT avg right after the VT stage - after the last stage
     seen_forgetting  common.forgetting of the stage x stage seen-pair matrix (Chaudhry et al.)
     multi_share share of all K codes used by >= 2 modalities (used = >= `use_threshold` of that modality's
@@ -48,12 +55,12 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
 
 Outputs (common.results_envelope): `tasks` = the stages; `matrices` = the stage pairs' retrieval
 (ret_avg, ret_r{1,5,10}_{fwd,bwd}; a --joint stage scores the mean over its pairs); `extra` holds per-row
-series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg),
-`diagnostics`, `train_steps`, and per stage from stage 2 on: `pmr_old_share` and `pmr_cpc_share` (per epoch:
-share of pseudo positions on old teacher codes; share of the Cross-CPC loss from the terms with P) and `pmr_tau`
-(the threshold rule's tau_k); `summary` is flat. Exit codes: 0 done, 1 diverged (a non-finite loss stops the run
-at the end of its epoch, naming stage, epoch and term; no results.json), 2 bad input or hyperparameter (nothing
-written).
+series: `retrieval` (every pair, unseen VA/IA included), `downstream` (cls_acc, loc_f1, va_avg, xds_f1,
+va_avg6), `diagnostics`, `ret_candidates`, `train_steps`, and per stage from stage 2 on: `pmr_old_share` and
+`pmr_cpc_share` (per epoch: share of pseudo positions on old teacher codes; share of the Cross-CPC loss from the
+terms with P) and `pmr_tau` (the threshold rule's tau_k); `summary` is flat. Exit codes: 0 done, 1 diverged (a
+non-finite loss stops the run at the end of its epoch, naming stage, epoch and term; no results.json), 2 bad input
+or hyperparameter (nothing written).
 
 Seeds (paired across configurations): every module is initialised from its own seed
 common.derive_seed(seed, "init/<module>"); at the start of stage k the batch order, the CLUB negatives and
@@ -90,10 +97,14 @@ Deviations and assumptions (where the paper is silent, the choice is stated here
      --no-expand keeps one codebook of k1 codes (replay from its frozen copy); --no-moe removes the adapter
      and with it gate, EWC and specific layers (as in Table 6), so those switches are refused beside it.
   8. CPC: 1-layer LSTM (paper; the code has 2), 1 prediction step. CLUB: 3 inner Adam steps (code: 5).
-     AVVP's extra ExpLogLoss is omitted; downstream heads are trained full batch for `cls_steps` steps
-     from a seeded init, test sets are separate samples (CMG's ave.py tests on train videos).
+     Per-step heads use BCE (--avvp-loss bce+explog adds CMG's ExpLogLoss); downstream heads are trained full
+     batch for `cls_steps` steps from a seeded init, scored once at the end (CMG reports the best epoch on the test
+     set), test sets are separate samples (CMG's ave.py tests on train videos).
   9. Runs on CUDA when available and --cuda (the model is CPU-sized; only CPU runs are promised
      bit-identical across a --resume).
+ 10. Speech (--order VT ST AT): a built-in speech modality renders the caption's token plan step by step (speech
+     step t says text token t); real speech features must be time-aligned to the caption's T steps. The paper's
+     Table 5 task (Ref-YouTube-VOS segmentation with ReferFormer) is out of scope.
 """
 
 import contextlib
@@ -113,7 +124,7 @@ import tyro
 import common
 import data
 
-RET_PAIRS = ["VT", "AT", "IT", "VA", "IA"]
+RET_PAIRS = ["VT", "AT", "IT", "VA", "IA", "ST"]
 RET_KEYS = ["avg"] + [f"r{k}_{d}" for d in ("fwd", "bwd") for k in (1, 5, 10)]
 LETTER = data.COMET_LETTERS
 MEDIATOR = "text"
@@ -161,7 +172,7 @@ class Args:
     data_dir: Optional[str] = None
     """folder of real features `{pair}_{split}.npz` (see data.load_comet_npz); default: built-in benchmark"""
     order: List[str] = field(default_factory=lambda: ["VT", "AT", "IT"])
-    """the stages, one pair each, every pair with the mediator text (VT, AT, IT)"""
+    """the stages, one pair each, every pair with the mediator text (VT, AT, IT, ST = speech)"""
     n_pairs: int = 2000
     """built-in: training pairs per stage"""
     n_per_class: int = 80
@@ -250,6 +261,8 @@ class Args:
     """threshold rule: tau_k = this quantile of stage k-1's mediator-to-nearest-code squared distances, in (0, 1]"""
     pmr_mediator: Literal["live", "frozen"] = "live"
     """PMR mediator features: the live Phi_text (+adapter) or its frozen copy from the end of the previous stage"""
+    avvp_loss: Literal["bce", "bce+explog"] = "bce"
+    """loss of the per-step heads (loc, xds): BCE, or BCE + CMG's ExpLogLoss (learnable per-class alpha, init 0.1)"""
     cls_steps: int = 200
     """full-batch Adam steps of each downstream head"""
     cls_lr: float = 5e-3
@@ -266,7 +279,7 @@ VARIANT_FIELDS = ("order", "n_pairs", "n_per_class", "n_test", "seq_len", "sty",
                   "min_steps_per_stage", "batch_size", "lr", "max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff",
                   "d_spec", "k1", "k2", "beta", "ema_decay", "reset_after", "club_steps", "club_lr", "cpc_self_weight",
                   "num_experts", "gate_weight", "ewc_lambda", "fisher_batches", "pmr_new_weight", "pmr_assign",
-                  "pmr_quantile", "pmr_mediator", "cls_steps", "cls_lr", "use_threshold")
+                  "pmr_quantile", "pmr_mediator", "avvp_loss", "cls_steps", "cls_lr", "use_threshold")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -655,16 +668,28 @@ def quantize_all(model: CometModel, m: str, x: np.ndarray, where: str = "", bs: 
     return q, torch.cat(idx), (torch.cat(gs) if gs[0] is not None else None)
 
 
+def explog_loss(logits, targets, alpha):
+    """CMG's AVVP ExpLogLoss: -mean over steps of sum_c y_c log softmax(logits)_c exp(-alpha_c), alpha learnable."""
+    return -(targets * torch.log_softmax(logits, -1) * torch.exp(-alpha)).sum(-1).mean()
+
+
 def train_head(feats, targets, n_out: int, per_step: bool, args: Args, seed: int, where: str = ""):
-    """Full-batch Adam on a Linear -> (max over T) -> Linear head from a seeded init; CE or per-step BCE."""
+    """Full-batch Adam on a Linear -> (max over T) -> Linear head from a seeded init; CE or per-step BCE (with
+    --avvp-loss bce+explog plus the ExpLogLoss, its alpha = head.alpha in the same Adam, as CMG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Sequential(nn.Linear(feats.shape[-1], feats.shape[-1]), nn.Linear(feats.shape[-1], n_out))
     head = head.to(feats.device)
+    explog = per_step and args.avvp_loss == "bce+explog"
+    if explog:
+        head.register_parameter("alpha", nn.Parameter(torch.full((n_out,), 0.1, device=feats.device)))
     opt = torch.optim.Adam(head.parameters(), lr=args.cls_lr)
     for _ in range(args.cls_steps):
         if per_step:
-            loss = F.binary_cross_entropy_with_logits(head(feats), targets)
+            logits = head(feats)
+            loss = F.binary_cross_entropy_with_logits(logits, targets)
+            if explog:
+                loss = loss + explog_loss(logits, targets, head.alpha)
         else:
             loss = F.cross_entropy(head[1](head[0](feats).amax(1)), targets)
         opt.zero_grad()
@@ -690,13 +715,14 @@ def f1_score(logits, targets, where: str = "") -> float:
 
 
 def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Dict[str, float]]:
-    """AVE analog (classification) and AVVP analog (per-step localization), both directions + within."""
+    """AVE analog (classification), AVVP analog (per-step localisation) and AVE -> AVVP (the localiser trained on
+    va_train, tested on the other data set avvp_test), both directions + within."""
     q = {(s, m): quantize_all(model, m, dd[f"va_{s}"][m], where)[0]
          for s in ("train", "test") for m in ("video", "audio")}
     dev = model.codebook.embed.device
     ytr, yte = (torch.from_numpy(dd[f"va_{s}"]["label"]).to(dev) for s in ("train", "test"))
     n_cls = int(ytr.max()) + 1
-    out = {"cls": {}, "loc": {}}
+    out = {"cls": {}, "loc": {}, "xds": {}}
     for k, (src, tgt) in enumerate((("video", "audio"), ("audio", "video"))):
         at = f"{where}, {src} classifier"
         head = train_head(q["train", src], ytr, n_cls, False, args, common.derive_seed(args.seed, f"head/cls/{k}"), at)
@@ -706,13 +732,32 @@ def downstream(model: CometModel, args: Args, dd: Dict[str, dict], where: str = 
                 out["cls"][f"{src[0].upper()}->{m[0].upper()}"] = accuracy(logits, yte, at)
         if "step_label" in dd["va_train"] and "step_label" in dd["va_test"]:
             at = f"{where}, {src} localiser"
-            onehot = [F.one_hot(torch.from_numpy(dd[f"va_{s}"]["step_label"]) + 1, n_cls + 1).float().to(dev)
-                      for s in ("train", "test")]
+            onehot = [step_onehot(dd[f"va_{s}"]["step_label"], n_cls, dev) for s in ("train", "test")]
             seed = common.derive_seed(args.seed, f"head/loc/{k}")
             head = train_head(q["train", src], onehot[0], n_cls + 1, True, args, seed, at)
             with torch.no_grad():
                 out["loc"][f"{src[0].upper()}->{tgt[0].upper()}"] = f1_score(head(q["test", tgt]), onehot[1], at)
+        if "avvp_test" in dd and "step_label" in dd["va_train"]:
+            out["xds"][f"{src[0].upper()}->{tgt[0].upper()}"] = cross_dataset_f1(model, args, dd, q["train", src],
+                                                                                   n_cls, k, tgt, where)
     return out
+
+
+def step_onehot(step_label: np.ndarray, n_cls: int, dev):
+    """Per-step targets [N, T, n_cls + 1]: column 0 = background (step label -1), column c + 1 = class c."""
+    return F.one_hot(torch.from_numpy(step_label) + 1, n_cls + 1).float().to(dev)
+
+
+def cross_dataset_f1(model: CometModel, args: Args, dd: Dict[str, dict], feats, n_cls: int, k: int, tgt: str,
+                     where: str = "") -> float:
+    """AVE -> AVVP (CMG's ave_avvp): a localiser trained on va_train's source-modality codes and step labels (its own
+    seed), tested on avvp_test's target-modality codes against that modality's own step labels."""
+    at = f"{where}, cross-dataset localiser"
+    head = train_head(feats, step_onehot(dd["va_train"]["step_label"], n_cls, feats.device), n_cls + 1, True, args,
+                      common.derive_seed(args.seed, f"head/xds/{k}"), at)
+    qt = quantize_all(model, tgt, dd["avvp_test"][tgt], where)[0]
+    with torch.no_grad():
+        return f1_score(head(qt), step_onehot(dd["avvp_test"][f"step_label_{tgt}"], n_cls, feats.device), at)
 
 
 @torch.no_grad()
@@ -727,7 +772,7 @@ def retrieval(model: CometModel, dd: Dict[str, dict], where: str = "") -> Dict[s
                   for m in (a, b))
         fwd = common.recall_at_k(ea @ eb.t(), where=f"{where}, {pair}")
         bwd = common.recall_at_k(eb @ ea.t(), where=f"{where}, {pair}")
-        out[pair] = {"avg": float(np.mean(fwd + bwd))}
+        out[pair] = {"avg": float(np.mean(fwd + bwd)), "n": len(ea)}  # n candidates per query
         for d, vals in (("fwd", fwd), ("bwd", bwd)):
             out[pair].update({f"r{k}_{d}": v for k, v in zip((1, 5, 10), vals)})
     return out
@@ -736,9 +781,10 @@ def retrieval(model: CometModel, dd: Dict[str, dict], where: str = "") -> Dict[s
 @torch.no_grad()
 def diagnostics(model: CometModel, args: Args, dd: Dict[str, dict], where: str = "") -> Dict[str, Optional[float]]:
     """Code sharing, same-pair V/A code agreement, perplexity, expert load entropy."""
-    probes = {"video": [dd["va_test"]["video"]], "audio": [dd["va_test"]["audio"]], "text": [], "image": []}
-    for name in ("vt_test", "at_test", "it_test", "ia_test"):
-        for m in ("text", "image"):
+    probes = {"video": [dd["va_test"]["video"]], "audio": [dd["va_test"]["audio"]], "text": [], "image": [],
+              "speech": []}
+    for name in ("vt_test", "at_test", "it_test", "ia_test", "st_test"):
+        for m in ("text", "image", "speech"):
             if name in dd and m in dd[name]:
                 probes[m].append(dd[name][m])
     K = model.codebook.embed.shape[0]
@@ -773,22 +819,32 @@ def va_avg(ev: dict) -> float:
     return float(np.mean([ev["cls"]["V->A"], ev["cls"]["A->V"]] + list(ev["loc"].values())))
 
 
+def va_avg6(ev: dict) -> Optional[float]:
+    """The paper's "Avg." (Table 1/6): mean of the 6 V<->A numbers, cls, loc and xds both ways; None without all 6."""
+    vals = [ev["cls"]["V->A"], ev["cls"]["A->V"]] + list(ev["loc"].values()) + list(ev.get("xds", {}).values())
+    return float(np.mean(vals)) if len(vals) == 6 else None
+
+
 def row_scalars(ev: dict) -> Dict[str, Optional[float]]:
     """One evaluation row as TensorBoard / W&B scalars."""
     out = {f"charts/cls_{k.replace('->', '2')}": v for k, v in ev["cls"].items()}
-    out.update({f"charts/loc_{k.replace('->', '2')}": v for k, v in ev["loc"].items()})
+    out.update({f"charts/{s}_{k.replace('->', '2')}": v for s in ("loc", "xds") for k, v in ev.get(s, {}).items()})
     out.update({f"charts/ret_{p}": r["avg"] for p, r in ev["ret"].items()})
     out.update({f"charts/{k}": v for k, v in ev["diag"].items()})
     out["charts/va_avg"] = va_avg(ev)
+    if va_avg6(ev) is not None:
+        out["charts/va_avg6"] = va_avg6(ev)
     return out
 
 
 def stage_table(evals: List[dict], row_names: List[str]) -> str:
-    cols = ["V>A", "A>V", "V>V", "F1va", "F1av", "VT", "AT", "IT", "VA", "IA", "multi", "agree", "ppl", "gateH"]
+    pairs = [p for p in RET_PAIRS if p in evals[-1]["ret"]]
+    cols = ["V>A", "A>V", "V>V", "F1va", "F1av", "Xva", "Xav"] + pairs + ["multi", "agree", "ppl", "gateH"]
     rows = []
     for ev in evals:
-        r = [ev["cls"].get(k) for k in ("V->A", "A->V", "V->V")] + [ev["loc"].get(k) for k in ("V->A", "A->V")]
-        r += [ev["ret"][p]["avg"] if p in ev["ret"] else None for p in RET_PAIRS]
+        r = [ev["cls"].get(k) for k in ("V->A", "A->V", "V->V")]
+        r += [ev[s].get(k) if s in ev else None for s in ("loc", "xds") for k in ("V->A", "A->V")]
+        r += [ev["ret"][p]["avg"] if p in ev["ret"] else None for p in pairs]
         rows.append(r + [ev["diag"][k] for k in ("multi_share", "code_agree", "perplexity", "gate_entropy")])
     return common.format_matrix(rows, row_names, cols)
 
@@ -810,11 +866,15 @@ def build_results(evals: List[dict], stages: List[List[str]]):
            for p in RET_PAIRS if p in evals[-1]["ret"]}
     down = {"cls_acc": {d: [ev["cls"][d] for ev in evals] for d in evals[-1]["cls"]},
             "loc_f1": {d: [ev["loc"][d] for ev in evals] for d in evals[-1]["loc"]},
-            "va_avg": [va_avg(ev) for ev in evals]}
+            "va_avg": [va_avg(ev) for ev in evals],
+            "xds_f1": {d: [ev.get("xds", {}).get(d) for ev in evals] for d in evals[-1].get("xds", {})},
+            "va_avg6": [va_avg6(ev) for ev in evals]}
     extra = {"retrieval": ret, "downstream": down, "diagnostics": {k: [ev["diag"][k] for ev in evals]
-                                                                    for k in evals[-1]["diag"]}}
+                                                                    for k in evals[-1]["diag"]},
+             "ret_candidates": {p: evals[-1]["ret"][p]["n"] for p in ret}}
     series = {f"ret_{key}": {p: v[key] for p, v in ret.items() if p not in names} for key in RET_KEYS}
     series.update({"cls_acc": down["cls_acc"], "loc_f1": down["loc_f1"], "va_avg": {"V<->A": down["va_avg"]}})
+    series.update({"xds_f1": down["xds_f1"], "va_avg6": {"V<->A": down["va_avg6"]}})
     series.update({k: {"all": v} for k, v in extra["diagnostics"].items()})
     return M, extra, make_summary(evals, M, names, extra), series
 
@@ -835,6 +895,11 @@ def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> D
     summary.update({f"{p.lower()}_ret": last["ret"].get(p, {}).get("avg") for p in ("VT", "VA", "IA")})
     summary.update(last["diag"])
     summary.update({f"va_avg_s{k}": extra["downstream"]["va_avg"][k] for k in range(1, T + 1)})
+    xds = list(last.get("xds", {}).values())  # new keys: the AVE -> AVVP pair and the paper's six-number average
+    summary["va_xds"] = float(np.mean(xds)) if xds else None
+    summary["st_ret"] = last["ret"].get("ST", {}).get("avg")
+    summary["va_avg6"] = va_avg6(last)
+    summary.update({f"va_avg6_s{k}": extra["downstream"]["va_avg6"][k] for k in range(1, T + 1)})
     return summary
 
 
@@ -845,8 +910,8 @@ def validate(args: Args) -> None:
     req(bool(args.order) and len(set(args.order)) == len(args.order), "order",
         f"pairs must be distinct and non-empty, got {args.order}")
     for p in args.order:
-        req(p in data.COMET_PAIR_CLASSES, "order",
-            f"unknown pair '{p}' (choose from {list(data.COMET_PAIR_CLASSES)}, each with the mediator text)")
+        req(p in data.COMET_PAIRS, "order",
+            f"unknown pair '{p}' (choose from {data.COMET_PAIRS}, each with the mediator text)")
     for f in ("epochs", "batch_size", "d_model", "n_layers", "n_heads", "d_ff", "d_spec", "k1", "num_experts",
               "reset_after", "fisher_batches", "cls_steps", "n_pairs", "n_per_class", "n_test"):
         req(getattr(args, f) >= 1, f, f"must be >= 1, got {getattr(args, f)}")
@@ -861,7 +926,8 @@ def validate(args: Args) -> None:
     req(0 <= args.pmr_new_weight <= 1, "pmr_new_weight", f"must be in [0, 1], got {args.pmr_new_weight}")
     req(0 < args.pmr_quantile <= 1, "pmr_quantile", f"must be in (0, 1], got {args.pmr_quantile}")
     req(args.min_steps_per_stage >= 0, "min_steps_per_stage", f"must be >= 0, got {args.min_steps_per_stage}")
-    for f, choices in (("pmr_assign", ("threshold", "teacher", "union")), ("pmr_mediator", ("live", "frozen"))):
+    for f, choices in (("pmr_assign", ("threshold", "teacher", "union")), ("pmr_mediator", ("live", "frozen")),
+                       ("avvp_loss", ("bce", "bce+explog"))):
         req(getattr(args, f) in choices, f, f"must be one of {choices}, got {getattr(args, f)}")
     for f in ("pmr_new_weight", "pmr_assign", "pmr_quantile", "pmr_mediator"):
         req((args.comet and args.pmr) or getattr(args, f) == getattr(Args, f), f,
@@ -881,7 +947,7 @@ def load_data(args: Args) -> Dict[str, dict]:
             dd = data.load_comet_npz(args.data_dir, args.order)
         else:
             dd = data.comet_benchmark(args.seed, args.n_pairs, args.n_per_class, args.n_test, args.seq_len,
-                                      args.sty, args.noise, args.shared, args.dom)
+                                      args.sty, args.noise, args.shared, args.dom, speech="ST" in args.order)
     except data.DataError as e:
         common.die(str(e))
     common.require(dd["va_train"]["video"].shape[1] >= 3, "data_dir", "sequences need T >= 3 steps")
@@ -900,7 +966,7 @@ def modality_dims(dd: Dict[str, dict]) -> Dict[str, int]:
     dims = {}
     for d in dd.values():
         dims.update({m: a.shape[-1] for m, a in d.items() if a.ndim == 3})
-    return {m: dims[m] for m in ("video", "audio", "text", "image") if m in dims}
+    return {m: dims[m] for m in ("video", "audio", "text", "image", "speech") if m in dims}
 
 
 def reseed(args: Args, gens: Dict[str, torch.Generator], k: int) -> None:
@@ -947,7 +1013,7 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
     opt, logs = torch.optim.Adam(params, lr=args.lr), {key: [] for key in PMR_LOGS}
     for epoch in range(plan[k]):
         perms = {p: torch.randperm(n_min, generator=gens["shuffle"]) for p in train}
-        sums, t0 = {}, time.perf_counter()
+        sums, t0 = {}, (time.perf_counter(), time.process_time())
         for i in range(steps):
             opt.zero_grad()
             for p in train:  # one pair per stage; all pairs (gradients summed) with --joint
@@ -961,21 +1027,24 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
             nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             model.codebook.reset_dead(args.reset_after, start=reset_from, g=gens["reset"])
-        vals = end_epoch(model, sums, loggers, k, name, epoch, plan, time.perf_counter() - t0, steps * len(train) * bs)
+        dt = (time.perf_counter() - t0[0], time.process_time() - t0[1])
+        vals = end_epoch(model, sums, loggers, k, name, epoch, plan, dt, steps * len(train) * bs)
+        run["time"]["train_cpu"] = run["time"].get("train_cpu", 0.0) + dt[1]
         for key in PMR_LOGS:
             logs[key].append(vals.get(key))
     return steps * plan[k], {key: (v if pmr is not None else None) for key, v in logs.items()}
 
 
-def end_epoch(model: CometModel, sums: dict, loggers, k: int, name: str, epoch: int, plan: List[int], dt: float,
+def end_epoch(model: CometModel, sums: dict, loggers, k: int, name: str, epoch: int, plan: List[int], dt: tuple,
               n_pairs: int) -> Dict[str, float]:
-    """Divergence check (exit 1), the epoch's loss line and its scalars (x = epochs so far); returns the means."""
+    """Divergence check (exit 1), the epoch's loss line with its (wall, CPU) seconds dt and its scalars (x = epochs
+    so far); returns the means."""
     vals = {n: float(v) for n, v in sums.items()}
     common.stop_if_diverged(vals, f"stage {k + 1} ({name}) epoch {epoch + 1}")
     parts = " ".join(f"{n} {v:.3f}" for n, v in vals.items())
     total = sum(v for n, v in vals.items() if n not in AUX_TERMS)
     print(f"[{name}] epoch {epoch + 1}/{plan[k]} loss {total:.3f} ({parts}) K {model.codebook.embed.shape[0]} "
-          f"{dt:.1f}s {n_pairs / max(dt, 1e-9):.0f} pairs/s")
+          f"{dt[0]:.1f}s (cpu {dt[1]:.1f}s) {n_pairs / max(dt[0], 1e-9):.0f} pairs/s")
     scalars = {(f"train/{n}" if n in AUX_TERMS else f"losses/{n}"): v for n, v in vals.items()}
     common.log_scalars(loggers, scalars, sum(plan[:k]) + epoch + 1)
     return vals

@@ -8,7 +8,7 @@ Contents (section: what -> used by)
     DNS:    DNS_* constants, parse_dns_steps, make_dns_benchmark, dns_modality_order,
             check_dns_arrays, load_dns_split (.npz), read_h5_rows, dns_h5_labels,
             load_dns_h5_split (official CMCL .h5), load_dns_features                   -> dns.py
-    COMET:  comet_pair_modalities, comet_world, comet_sample, comet_benchmark,
+    COMET:  comet_pair_modalities, comet_world, comet_sample, comet_avvp_sample, comet_benchmark,
             load_comet_npz                                                             -> comet.py
     MoDE:   MODE_WORLDS, mode_sequences, make_mode_world, mode_read_image, load_mode_dir -> mode.py
 """
@@ -296,22 +296,27 @@ def load_dns_features(data_dir: str, steps: Sequence[Tuple[str, str, str]], back
 # ============================================================================= COMET (comet.py)
 # Built-in world: pre-extracted feature sequences [N, T, d_m] rendered from shared hidden
 # class semantics through one fixed random nonlinear "renderer" per modality.
-COMET_DIMS = {"video": 64, "audio": 32, "text": 48, "image": 64}
-COMET_LETTERS = {"V": "video", "A": "audio", "T": "text", "I": "image"}
+COMET_DIMS = {"video": 64, "audio": 32, "text": 48, "image": 64, "speech": 40}
+COMET_LETTERS = {"V": "video", "A": "audio", "T": "text", "I": "image", "S": "speech"}
 COMET_PAIR_CLASSES = {"VT": (0, 12), "AT": (4, 16), "IT": (8, 20)}  # overlapping, never revisited
+COMET_ST_CLASSES = (2, 14)  # speech-text (VT -> ST -> AT order): overlaps VT and AT, text stays the bridge
+COMET_PAIRS = list(COMET_PAIR_CLASSES) + ["ST"]
 COMET_VA_CLASSES = (4, 12)  # the only classes both video and audio ever see (each through text)
 COMET_IA_CLASSES = (8, 16)
 COMET_N_CLASSES, COMET_D_LAT, COMET_D_STY = 20, 16, 8
+_COMET_BASE = ("video", "audio", "text", "image")  # drawn from the world's first stream, in this order
 
 
 def comet_pair_modalities(name: str) -> List[str]:
-    """'vt_train' -> ['video', 'text'] (file/dataset name to its two modalities)."""
-    return [COMET_LETTERS[c] for c in name.split("_")[0].upper()]
+    """'vt_train' -> ['video', 'text'] (file/dataset name to its modalities); 'avvp_test' -> ['video', 'audio']."""
+    pair = name.split("_")[0].upper()
+    return ["video", "audio"] if pair == "AVVP" else [COMET_LETTERS[c] for c in pair]
 
 
 def comet_world(seed: int, shared: float = 0.3, dom: float = 1.5, hidden: int = 64) -> dict:
     """Class prototypes u_c = s*b + (1-s)*g_c, background/filler prototypes, per-dataset text-domain
-    offsets delta_k and one fixed renderer (W1, W2) per modality; all from `seed`."""
+    offsets delta_k and one fixed renderer (W1, W2) per modality; all from `seed`. Speech (renderer and the
+    ST text domain) comes from its own stream, so the other modalities are the same with or without it."""
     rng = np.random.default_rng([seed, 0])
     d_in = COMET_D_LAT + COMET_D_STY
     world = {
@@ -322,16 +327,30 @@ def comet_world(seed: int, shared: float = 0.3, dom: float = 1.5, hidden: int = 
         "domain": {p: dom * rng.standard_normal(COMET_D_STY) for p in COMET_PAIR_CLASSES},
         "render": {},
     }
-    for m, d in COMET_DIMS.items():
+    for m in _COMET_BASE:
         world["render"][m] = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in),
-                              rng.standard_normal((hidden, d)) / np.sqrt(hidden))
+                              rng.standard_normal((hidden, COMET_DIMS[m])) / np.sqrt(hidden))
+    rng = np.random.default_rng([seed, 0, 1])
+    world["render"]["speech"] = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in),
+                                 rng.standard_normal((hidden, COMET_DIMS["speech"])) / np.sqrt(hidden))
+    world["domain"]["ST"] = dom * rng.standard_normal(COMET_D_STY)
     return world
+
+
+def _comet_render(world: dict, rng, m: str, s: np.ndarray, style: np.ndarray) -> np.ndarray:
+    """Modality m's features of hidden semantics s [n, T, d_lat] and style [n, 1, d_sty], plus 0.05 noise."""
+    n, T = s.shape[:2]
+    w1, w2 = world["render"][m]
+    h = np.tanh(np.concatenate([s, np.broadcast_to(style, (n, T, COMET_D_STY))], -1) @ w1)
+    return (h @ w2 + 0.05 * rng.standard_normal((n, T, w2.shape[1]))).astype(np.float32)
 
 
 def comet_sample(world: dict, rng, mods: Sequence[str], y: np.ndarray, T: int, sty: float, noise: float,
                  domain: Optional[str] = None) -> Dict[str, np.ndarray]:
     """Paired samples of class y: video/audio get a shared event window (background elsewhere), text is
-    caption-like (class token w.p. 0.7 else filler, style 0.3*n + delta_domain), image is static.
+    caption-like (class token w.p. 0.7 else filler, style 0.3*n + delta_domain), image is static, speech says
+    the caption: with speech, one token plan (class or filler per step) is drawn first and both text and speech
+    render it, so speech step t carries text token t (speech: noise `noise`, speaker style `sty`).
     A per-pair instance offset (0.5*N(0,I)) is shared by both members, so instance retrieval is possible."""
     n = len(y)
     inst = 0.5 * rng.standard_normal((n, 1, COMET_D_LAT))
@@ -340,28 +359,54 @@ def comet_sample(world: dict, rng, mods: Sequence[str], y: np.ndarray, T: int, s
     event = (t >= start[:, None]) & (t < (start + length)[:, None])
     cls = world["proto"][y][:, None] + inst  # [n, 1, d_lat]
     out = {"label": y.astype(np.int64), "event": event}
+    plan = None
+    if "speech" in mods:  # the caption's token plan, shared by text and speech
+        plan = (rng.random((n, T, 1)) < 0.7, world["filler"][rng.integers(0, 3, (n, T))])
     for m in mods:
         eps = rng.standard_normal((n, T, COMET_D_LAT))
         if m in ("video", "audio"):
             s = np.where(event[..., None], cls, world["bg"]) + noise * eps
         elif m == "image":
             s = np.broadcast_to(cls, (n, T, COMET_D_LAT)) + noise * eps
+        elif plan is not None:  # text or speech of a speech-text pair
+            s = np.where(plan[0], cls, plan[1]) + (noise if m == "speech" else 0.2) * eps
         else:  # text
             filler = world["filler"][rng.integers(0, 3, (n, T))]
             s = np.where(rng.random((n, T, 1)) < 0.7, cls, filler) + 0.2 * eps
         style = rng.standard_normal((n, 1, COMET_D_STY))
         style = 0.3 * style + world["domain"][domain] if m == "text" else sty * style
-        w1, w2 = world["render"][m]
-        h = np.tanh(np.concatenate([s, np.broadcast_to(style, (n, T, COMET_D_STY))], -1) @ w1)
-        out[m] = (h @ w2 + 0.05 * rng.standard_normal((n, T, w2.shape[1]))).astype(np.float32)
+        out[m] = _comet_render(world, rng, m, s, style)
+    return out
+
+
+def comet_avvp_sample(world: dict, rng, y: np.ndarray, T: int, sty: float, noise: float,
+                      lo: int = 0) -> Dict[str, np.ndarray]:
+    """AVVP analog for the cross-dataset (AVE -> AVVP) localisation: video/audio pairs of world class y (label
+    y - lo) with shorter events (2..5 steps) and modality-specific windows (the audio window shifted by -1..1
+    steps), so each modality has its own step labels step_label_video / step_label_audio (-1 = background)."""
+    n = len(y)
+    inst = 0.5 * rng.standard_normal((n, 1, COMET_D_LAT))
+    length = rng.integers(2, 6, n)
+    start = rng.integers(0, T - length + 1)
+    shift = rng.integers(-1, 2, n)
+    t = np.arange(T)[None]
+    cls = world["proto"][y][:, None] + inst
+    out = {"label": (y - lo).astype(np.int64)}
+    for m, s0 in (("video", start), ("audio", np.clip(start + shift, 0, T - length))):
+        event = (t >= s0[:, None]) & (t < (s0 + length)[:, None])
+        s = np.where(event[..., None], cls, world["bg"]) + noise * rng.standard_normal((n, T, COMET_D_LAT))
+        out[m] = _comet_render(world, rng, m, s, sty * rng.standard_normal((n, 1, COMET_D_STY)))
+        out[f"step_label_{m}"] = np.where(event, out["label"][:, None], -1)
     return out
 
 
 def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_test: int = 200, T: int = 10,
-                    sty: float = 2.0, noise: float = 0.45, shared: float = 0.3, dom: float = 1.5) -> Dict[str, dict]:
-    """All COMET datasets, keyed like the npz files: {vt,at,it}_{train,test}, va_{train,test}, ia_test.
-    va_* hold 8 balanced classes (labels 0..7, step_label -1 = background); each dataset has its own
-    random stream, so changing one size leaves the others unchanged."""
+                    sty: float = 2.0, noise: float = 0.45, shared: float = 0.3, dom: float = 1.5,
+                    speech: bool = False) -> Dict[str, dict]:
+    """All COMET datasets, keyed like the npz files: {vt,at,it}_{train,test}, va_{train,test}, ia_test, avvp_test
+    (and st_{train,test} with speech). va_* and avvp_test hold 8 balanced classes (labels 0..7, step labels
+    -1 = background); each dataset has its own random stream, so changing one size, or adding speech or
+    avvp_test, leaves the others unchanged."""
     world = comet_world(seed, shared=shared, dom=dom)
     data = {}
     for i, (pair, (lo, hi)) in enumerate(COMET_PAIR_CLASSES.items()):
@@ -370,9 +415,9 @@ def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_tes
             rng = np.random.default_rng([seed, 1, i, j])
             data[f"{pair.lower()}_{split}"] = comet_sample(world, rng, mods, rng.integers(lo, hi, n),
                                                            T, sty, noise, pair)
+    lo, hi = COMET_VA_CLASSES
     for j, split in enumerate(("train", "test")):
         rng = np.random.default_rng([seed, 2, j])
-        lo, hi = COMET_VA_CLASSES
         d = comet_sample(world, rng, ["video", "audio"], rng.permutation(np.repeat(np.arange(lo, hi), n_per_class)),
                          T, sty, noise)
         d["label"] = d["label"] - lo
@@ -381,9 +426,19 @@ def comet_benchmark(seed: int, n_pairs: int = 2000, n_per_class: int = 80, n_tes
     rng = np.random.default_rng([seed, 3])
     data["ia_test"] = comet_sample(world, rng, ["image", "audio"], rng.integers(*COMET_IA_CLASSES, n_test),
                                    T, sty, noise)
+    rng = np.random.default_rng([seed, 4])
+    data["avvp_test"] = comet_avvp_sample(world, rng, rng.permutation(np.repeat(np.arange(lo, hi), n_per_class)),
+                                          T, sty, noise, lo)
+    for j, (split, n) in enumerate((("train", n_pairs), ("test", n_test)) if speech else ()):
+        rng = np.random.default_rng([seed, 5, j])
+        data[f"st_{split}"] = comet_sample(world, rng, ["speech", "text"], rng.integers(*COMET_ST_CLASSES, n),
+                                           T, sty, noise, "ST")
     for d in data.values():
-        d.pop("event")
+        d.pop("event", None)
     return data
+
+
+COMET_INT_ARRAYS = ("label", "step_label", "step_label_video", "step_label_audio")
 
 
 def _comet_check_file(path: str, name: str, dims: Dict[str, int], T: Optional[int]) -> Tuple[dict, int]:
@@ -404,26 +459,28 @@ def _comet_check_file(path: str, name: str, dims: Dict[str, int], T: Optional[in
         if dims.setdefault(m, a.shape[2]) != a.shape[2]:
             raise DataError(f"{path}: '{m}' has feature dim {a.shape[2]}, other files have {dims[m]}")
         out[m] = a.astype(np.float32)
-    for key, shape in (("label", (n,)), ("step_label", (n, T))):
+    for key in COMET_INT_ARRAYS:
         if key in raw:
-            a = raw[key]
+            a, shape = raw[key], ((n,) if key == "label" else (n, T))
             if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
                 raise DataError(f"{path}: '{key}' must be an integer array of shape {shape}, got {a.dtype} {a.shape}")
-            if a.min() < (-1 if key == "step_label" else 0):
-                raise DataError(f"{path}: '{key}' has negative values (only step_label may use -1 = background)")
+            if a.min() < (0 if key == "label" else -1):
+                raise DataError(f"{path}: '{key}' has negative values (only step labels may use -1 = background)")
             out[key] = a.astype(np.int64)
     return out, T
 
 
 def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
     """Load `{pair}_{split}.npz` from data_dir: {p}_train for every stage pair p and va_train / va_test
-    (both with 'label'; 'step_label' [N, T] optional) are required; {vt,at,it,ia}_test are optional
-    (retrieval is skipped for a missing pair). Raises DataError naming the file and the problem."""
+    (both with 'label'; 'step_label' [N, T] optional) are required; {vt,at,it,st,ia}_test are optional
+    (retrieval is skipped for a missing pair); avvp_test (video, audio, step_label_video, step_label_audio, in
+    va_train's label space; needs va_train's step_label) is optional (the AVE -> AVVP localisation).
+    Raises DataError naming the file and the problem."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     dims, T, data = {}, None, {}
     names = [f"{p.lower()}_train" for p in pairs] + ["va_train", "va_test"]
-    names += [n for n in ("vt_test", "at_test", "it_test", "ia_test")
+    names += [n for n in ("vt_test", "at_test", "it_test", "st_test", "ia_test", "avvp_test")
               if os.path.isfile(os.path.join(data_dir, n + ".npz"))]
     for name in names:
         path = os.path.join(data_dir, name + ".npz")
@@ -433,12 +490,22 @@ def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
             raise DataError(f"{os.path.join(data_dir, name + '.npz')}: missing array 'label' [N] "
                             "(needed for V<->A classification)")
     n_cls = int(data["va_train"]["label"].max()) + 1
-    for name in ("va_train", "va_test"):
+    for name in [n for n in ("va_train", "va_test", "avvp_test") if n in data]:
         d, path = data[name], os.path.join(data_dir, name + ".npz")
-        if d["label"].max() >= n_cls or ("step_label" in d and d["step_label"].max() >= n_cls):
+        if any(k in d and d[k].max() >= n_cls for k in COMET_INT_ARRAYS):
             raise DataError(f"{path}: labels must lie in 0..{n_cls - 1} (the classes of va_train.npz)")
+    if "avvp_test" in data:
+        _check_avvp(data, os.path.join(data_dir, "avvp_test.npz"))
     return data
 
+
+def _check_avvp(data: Dict[str, dict], path: str) -> None:
+    """avvp_test needs its two per-modality step labels and va_train's step labels (the head's training set)."""
+    for key in ("step_label_video", "step_label_audio"):
+        if key not in data["avvp_test"]:
+            raise DataError(f"{path}: missing array '{key}' [N, T] (-1 = background)")
+    if "step_label" not in data["va_train"]:
+        raise DataError(f"{path}: needs 'step_label' [N, T] in va_train.npz (the localiser is trained on it)")
 
 
 # ============================================================================= MoDE (mode.py)

@@ -3,6 +3,7 @@ mediator), the built-in benchmark and npz loader, end-to-end runs with every abl
 the results envelope, determinism, validation, divergence, metric hand cases and guards, plots / TensorBoard, CLI
 parsing, resume, and one subprocess smoke run killed and resumed."""
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -382,6 +383,49 @@ def test_builtin_benchmark_structure_and_determinism():
     assert np.array_equal(a["va_test"]["audio"], d["va_test"]["audio"])
 
 
+OLD_SETS = ("vt_train", "vt_test", "at_train", "at_test", "it_train", "it_test", "va_train", "va_test", "ia_test")
+
+
+def sets_hash(dd):
+    """sha256 over every array of the data sets that existed before avvp_test and speech were added."""
+    h = hashlib.sha256()
+    for key in sorted(f"{n}/{k}" for n in OLD_SETS for k in dd[n]):
+        n, k = key.split("/")
+        h.update((key + hashlib.sha256(dd[n][k].tobytes()).hexdigest()[:16]).encode())
+    return h.hexdigest()[:16]
+
+
+def test_existing_sets_unchanged_by_avvp_and_speech():
+    # hash of data.comet_benchmark(2, 40, 3, 8, 10) computed at commit ef7acb6, before avvp_test and speech
+    assert sets_hash(data.comet_benchmark(2, 40, 3, 8, 10)) == "08d58813b9c09f98"
+    dd = data.comet_benchmark(2, 40, 3, 8, 10, speech=True)
+    assert sets_hash(dd) == "08d58813b9c09f98" and {"st_train", "st_test", "avvp_test"} <= set(dd)
+    a = dd["avvp_test"]
+    assert np.bincount(a["label"]).tolist() == [3] * 8 and a["video"].shape == (24, 10, 64)
+    for m in ("video", "audio"):  # one event of 2..5 steps with the clip's label, background elsewhere
+        sl = a[f"step_label_{m}"]
+        assert ((sl == -1) | (sl == a["label"][:, None])).all() and set((sl >= 0).sum(1)) <= {2, 3, 4, 5}
+    assert (a["step_label_video"] != a["step_label_audio"]).any()  # modality-specific windows, as in AVVP
+    assert np.abs(np.argmax(a["step_label_video"] >= 0, 1) - np.argmax(a["step_label_audio"] >= 0, 1)).max() <= 1
+
+
+def test_speech_time_aligned_with_text():
+    world = data.comet_world(0)
+    d_in = data.COMET_D_LAT + data.COMET_D_STY
+    for m in ("speech", "text"):  # near-linear renderers: the first 16 output dims show the hidden semantics
+        w2 = np.zeros((64, data.COMET_DIMS[m]))
+        w2[:d_in, :d_in] = 20 * np.eye(d_in)
+        world["render"][m] = (0.05 * np.eye(d_in, 64), w2)
+    y = np.arange(2, 14)
+    out = data.comet_sample(world, np.random.default_rng(0), ["speech", "text"], y, 10, 0.0, 0.0, "ST")
+    filler = {}  # steps whose semantics is a filler token (class token elsewhere: about 5 away from every filler)
+    for m in ("speech", "text"):
+        d = np.linalg.norm(out[m][..., None, :data.COMET_D_LAT] - world["filler"], axis=-1).min(-1)
+        filler[m] = d < 2.0
+    assert np.array_equal(filler["speech"], filler["text"])  # speech step t says text token t
+    assert 0.15 < filler["text"].mean() < 0.45  # 30 % filler steps
+
+
 def write_npz(folder, dd):
     os.makedirs(folder, exist_ok=True)
     for name, arrs in dd.items():
@@ -403,8 +447,19 @@ def test_npz_roundtrip_gives_identical_results(tmp_path):
     assert r3["extra"]["train_steps"] == [0, 6]
 
 
+def test_npz_speech_pair_and_avvp_test_roundtrip(tmp_path):
+    dd = data.comet_benchmark(1, 40, 3, 8, 10, speech=True)
+    write_npz(tmp_path / "feats", dd)
+    got = data.load_comet_npz(str(tmp_path / "feats"), ["VT", "ST", "AT"])
+    assert {"st_train", "st_test", "avvp_test"} <= set(got)
+    for name, keys in (("st_train", ("speech", "text")), ("st_test", ("speech", "text")),
+                       ("avvp_test", ("video", "audio", "step_label_video", "step_label_audio"))):
+        assert all(np.array_equal(got[name][k], dd[name][k]) for k in keys)
+    assert comet.modality_dims(got) == {"video": 64, "audio": 32, "text": 48, "image": 64, "speech": 40}
+
+
 @pytest.mark.parametrize("problem", ["missing_file", "bad_shape", "nan", "bad_label", "dim_mismatch", "missing_label",
-                                     "bad_dir"])
+                                     "bad_dir", "avvp_no_step_label", "avvp_bad_label", "avvp_without_va_steps"])
 def test_bad_input_rejected_exit_2_no_results(tmp_path, problem, capsys):
     dd = data.comet_benchmark(0, 40, 2, 8, 10)
     folder = tmp_path / "feats"
@@ -420,6 +475,12 @@ def test_bad_input_rejected_exit_2_no_results(tmp_path, problem, capsys):
         dd["at_train"]["text"] = dd["at_train"]["text"][..., :10]
     elif problem == "missing_label":
         dd["va_train"].pop("label")
+    elif problem == "avvp_no_step_label":
+        dd["avvp_test"].pop("step_label_audio")
+    elif problem == "avvp_bad_label":
+        dd["avvp_test"]["step_label_video"][0, 0] = 8
+    elif problem == "avvp_without_va_steps":
+        dd["va_train"].pop("step_label")
     write_npz(folder, dd)
     out = tmp_path / "out"
     data_dir = str(tmp_path / "nowhere") if problem == "bad_dir" else str(folder)
@@ -466,6 +527,18 @@ def test_begin_stage_expand_and_replay_switches(tmp_path, flags, K, pmr, reset_f
         assert got_pmr.tau > 0 and got_pmr.frozen is None  # defaults: threshold rule, live mediator
 
 
+def test_begin_stage_tau_follows_pmr_quantile(tmp_path):
+    text = data.comet_benchmark(0, 32, 2, 8, 10)["vt_train"]["text"]
+    taus = []
+    for q in (0.5, 0.99):
+        args = tiny_args(tmp_path, pmr_quantile=q)
+        model = small_model(args)
+        want = comet.calibrate_tau(model, text, q)
+        taus.append(comet.begin_stage(model, args, 1, prev_text=text)[0].tau)
+        assert taus[-1] == want
+    assert taus[0] < taus[1]
+
+
 # ----------------------------------------------------------------------------- metrics on hand cases
 def test_f1_hand_case():
     logits = torch.tensor([[5.0, -5.0], [5.0, 5.0]])  # predictions [[1, 0], [1, 1]]
@@ -492,6 +565,67 @@ def test_retrieval_hand_case(monkeypatch):
     out = comet.retrieval(None, {"vt_test": {"video": None, "text": None}})
     # video 0 scores (1, 1, 0): R@1 1/2; video 1 scores (0, 0, 0): 1/3; video 2 scores (0, 0, 1): 1
     assert out["VT"]["r1_fwd"] == pytest.approx(100 * (1 / 2 + 1 / 3 + 1) / 3)
+
+
+def test_explog_hand_value_and_alpha_only_rises(tmp_path):
+    loss = comet.explog_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), torch.full((2,), 0.1))
+    assert loss.item() == pytest.approx(math.log(2) * math.exp(-0.1))  # -log(1/2) e^-0.1
+    feats = torch.randn(6, 4, 8)
+    y = torch.nn.functional.one_hot(torch.randint(0, 3, (6, 4)), 3).float()
+    args = tiny_args(tmp_path, avvp_loss="bce+explog", cls_steps=30)
+    head = comet.train_head(feats, y, 3, True, args, 0)
+    assert (head.alpha > 0.1).all()  # d/d alpha_c = y_c log p_c e^-alpha_c <= 0: descent only raises alpha
+    plain = comet.train_head(feats, y, 3, True, tiny_args(tmp_path, cls_steps=30), 0)
+    assert not hasattr(plain, "alpha") and not torch.equal(plain[1].weight, head[1].weight)
+    cls = [comet.train_head(feats, y.argmax(-1)[:, 0], 3, False, a, 0)[1].weight
+           for a in (args, tiny_args(tmp_path, cls_steps=30))]
+    assert torch.equal(*cls)  # the classification head ignores --avvp-loss
+
+
+def hand_va_sets(rng, n=40, T=10):
+    """va_train / va_test whose video and audio features both show the step label (one-hot x 3 + noise)."""
+    dd = {}
+    for split in ("train", "test"):
+        label = np.arange(n) % 8
+        start, length = rng.integers(0, 5, n), rng.integers(3, 6, n)
+        t = np.arange(T)[None]
+        step = np.where((t >= start[:, None]) & (t < (start + length)[:, None]), label[:, None], -1)
+        feats = {m: (3 * np.eye(9)[step + 1] + rng.standard_normal((n, T, 9))).astype(np.float32)
+                 for m in ("video", "audio")}
+        dd[f"va_{split}"] = {**feats, "label": label, "step_label": step}
+    va = dd["va_test"]  # avvp_test = va_test with its step labels as both modalities' labels: xds then equals loc
+    dd["avvp_test"] = {"video": va["video"], "audio": va["audio"], "step_label_video": va["step_label"].copy(),
+                       "step_label_audio": va["step_label"].copy()}
+    return dd
+
+
+def test_xds_trains_on_va_train_and_tests_other_dataset_target_modality(tmp_path, monkeypatch):
+    args, dd = tiny_args(tmp_path, cls_steps=60), hand_va_sets(np.random.default_rng(0))
+    monkeypatch.setattr(comet, "quantize_all", lambda model, m, x, where="": (torch.from_numpy(x), None, None))
+    model = small_model(args)  # only its codebook's device is read
+    calls, real, derive = [], comet.train_head, common.derive_seed
+
+    def spy(feats, targets, n_out, per_step, a, seed, where=""):
+        calls.append((where.split(", ")[-1], per_step, seed))
+        return real(feats, targets, n_out, per_step, a, seed, where)
+
+    monkeypatch.setattr(comet, "train_head", spy)
+    own = comet.downstream(model, args, dd)
+    xds = [(c[1], c[2]) for c in calls if c[0] == "cross-dataset localiser"]
+    assert xds == [(True, derive(args.seed, "head/xds/0")), (True, derive(args.seed, "head/xds/1"))]  # own seeds
+    monkeypatch.setattr(common, "derive_seed", lambda s, p: derive(s, p.replace("xds", "loc")))  # loc's seeds
+    base = comet.downstream(model, args, dd)
+    assert base["xds"] == base["loc"] and min(base["loc"].values()) > 50 and base["cls"] == own["cls"]
+    dd["avvp_test"]["step_label_audio"][:] = -1  # V->A is scored against the audio labels only
+    moved = comet.downstream(model, args, dd)
+    assert moved["xds"]["V->A"] != base["xds"]["V->A"] and moved["xds"]["A->V"] == base["xds"]["A->V"]
+    dd["avvp_test"]["video"] = np.zeros_like(dd["avvp_test"]["video"])  # A->V reads avvp_test's video features
+    moved = comet.downstream(model, args, dd)
+    assert moved["xds"]["A->V"] != base["xds"]["A->V"] and moved["loc"] == base["loc"]
+    assert comet.va_avg6(own) == pytest.approx(np.mean([own["cls"]["V->A"], own["cls"]["A->V"]]
+                                                       + [*own["loc"].values()] + [*own["xds"].values()]))
+    assert comet.va_avg6({**own, "xds": {}}) is None and comet.downstream(model, args, {
+        k: v for k, v in dd.items() if k != "avvp_test"})["xds"] == {}
 
 
 # ----------------------------------------------------------------------------- metric guards, divergence
@@ -538,6 +672,7 @@ BAD_ARGS = [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan"
             ({"pmr_quantile": 0.0}, "pmr-quantile"), ({"pmr_quantile": 1.5}, "pmr-quantile"),
             ({"min_steps_per_stage": -1}, "min-steps-per-stage"), ({"pmr_assign": "nearest"}, "pmr-assign"),
             ({"pmr_mediator": "old"}, "pmr-mediator"), ({"pmr": False, "pmr_assign": "union"}, "pmr-assign"),
+            ({"avvp_loss": "focal"}, "avvp-loss"), ({"order": ["VT", "SA"]}, "order"),
             ({"comet": False, "pmr_mediator": "frozen"}, "pmr-mediator"), ({"pmr": False, "pmr_quantile": 0.9},
                                                                            "pmr-quantile")]
 
@@ -584,7 +719,10 @@ def test_tyro_parse_and_help(capsys):
     assert (c.pmr_assign, c.pmr_mediator, c.pmr_quantile, c.min_steps_per_stage) == ("teacher", "frozen", 0.9, 0)
     d = tyro.cli(comet.Args, args=[])
     assert (d.pmr_assign, d.pmr_mediator, d.pmr_quantile, d.min_steps_per_stage) == ("threshold", "live", 0.95, 300)
-    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"], ["--pmr-assign", "nearest"]):
+    e = tyro.cli(comet.Args, args=["--avvp-loss", "bce+explog", "--order", "VT", "ST", "AT"])
+    assert (e.avvp_loss, e.order, d.avvp_loss) == ("bce+explog", ["VT", "ST", "AT"], "bce")
+    for bad in (["--epochs", "x"], ["--no-no-pmr"], ["--clip", "1.0"], ["--pmr-assign", "nearest"],
+                ["--avvp-loss", "explog"]):
         with pytest.raises(SystemExit) as e:
             tyro.cli(comet.Args, args=bad, console_outputs=False)
         assert e.value.code == 2
@@ -634,8 +772,16 @@ def test_every_ablation_runs_three_stages(tmp_path, flags, method, capsys):
     s = res["summary"]
     assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s.values())
     assert 0 <= s["va_acc"] <= 100 and 0 <= s["va_f1"] <= 100 and s["vt_forgetting"] is not None
-    assert s["va_avg_s3"] == s["va_avg"] and set(res["timing_s"]) == {"train", "eval", "total"}
+    assert s["va_avg_s3"] == s["va_avg"] and set(res["timing_s"]) == {"train", "eval", "total", "train_cpu"}
     ex = res["extra"]
+    last = {(k, d): v[-1] for k in ("cls_acc", "loc_f1", "xds_f1") for d, v in ex["downstream"][k].items()
+            if k != "cls_acc" or d in ("V->A", "A->V")}
+    assert len(last) == 6 and s["va_avg6"] == pytest.approx(np.mean(list(last.values())))  # the paper's "Avg."
+    assert s["va_avg"] == pytest.approx(np.mean([ex["downstream"][k][d][-1] for k in ("cls_acc", "loc_f1")
+                                                 for d in ("V->A", "A->V")]))  # four numbers, unchanged meaning
+    assert s["va_xds"] == pytest.approx(np.mean([v[-1] for v in ex["downstream"]["xds_f1"].values()]))
+    assert s["va_avg6_s3"] == s["va_avg6"] and s["st_ret"] is None
+    assert ex["ret_candidates"] == {"VT": 24, "AT": 24, "IT": 24, "VA": 64, "IA": 24}  # VA: va_test, 8 x n_per_class
     assert set(ex["retrieval"]) == {"VT", "AT", "IT", "VA", "IA"} and len(ex["retrieval"]["VA"]["r1_fwd"]) == 4
     assert ex["retrieval"]["AT"]["avg"] == [row[1] for row in res["matrices"]["ret_avg"]]
     assert ex["train_steps"] == [0, 3, 3, 3] and len(ex["downstream"]["cls_acc"]["A->V"]) == 4
@@ -713,6 +859,48 @@ def test_same_seed_identical_other_seed_differs(tmp_path):
     c = comet.main(tiny_args(tmp_path, "c", seed=3))
     assert a["matrices"] == b["matrices"] and a["extra"] == b["extra"] and a["summary"] == b["summary"]
     assert a["matrices"] != c["matrices"]
+
+
+OLD_SUMMARY = ("va_acc", "va_f1", "va_avg", "vv_acc", "vt_forgetting", "seen_forgetting", "vt_ret", "va_ret", "ia_ret",
+               "multi_share", "code_agree", "perplexity", "gate_entropy", "n_codes", "va_avg_s1", "va_avg_s2",
+               "va_avg_s3")
+OLD_EXTRA = ("retrieval", "diagnostics", "train_steps", "pmr_old_share", "pmr_cpc_share", "pmr_tau")
+
+
+def old_keys_hash(res):
+    """sha256 of the summary, matrices and extra keys that the committed results/comet_builtin runs have."""
+    ex = res["extra"]
+    sub = {"summary": {k: res["summary"][k] for k in OLD_SUMMARY}, "matrices": res["matrices"],
+           "extra": {k: ex[k] for k in OLD_EXTRA}}
+    sub["extra"]["downstream"] = {k: ex["downstream"][k] for k in ("cls_acc", "loc_f1", "va_avg")}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("flags, digest", [({}, "cfc5cbd2e431b6dc"), ({"comet": False}, "75f58e8232bb3b1f")])
+def test_old_result_keys_bit_identical_to_before_avvp_and_speech(tmp_path, flags, digest):
+    # digests of the same tiny runs at commit ef7acb6 (the code of results/comet_builtin), torch 2.13 CPU
+    if not torch.__version__.startswith("2.13.") or torch.cuda.is_available():
+        pytest.skip("bit-identity is pinned for the torch 2.13 CPU build only")
+    res = comet.main(tiny_args(tmp_path, **flags))
+    assert old_keys_hash(json.loads(json.dumps(res))) == digest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_same_seed_identical(tmp_path):
+    a, b = (comet.main(tiny_args(tmp_path, name, cuda=True)) for name in ("a", "b"))
+    assert a["env"]["device"] == "cuda" and a["matrices"] == b["matrices"] and a["summary"] == b["summary"]
+
+
+def test_order_vt_st_at_with_speech(tmp_path):
+    res = comet.main(tiny_args(tmp_path, order=["VT", "ST", "AT"]))
+    ex, s = res["extra"], res["summary"]
+    assert res["tasks"] == ["VT", "ST", "AT"] and ex["diagnostics"]["n_codes"] == [32, 32, 48, 64]
+    st = [row[1] for row in res["matrices"]["ret_avg"]]
+    assert st == ex["retrieval"]["ST"]["avg"] and s["st_ret"] == st[-1] and ex["ret_candidates"]["ST"] == 24
+    assert all(v is not None for v in ex["pmr_tau"][2:])  # replay from stage 2 (ST) on
+    model = small_model(tiny_args(tmp_path), mods=("video", "audio", "text", "image", "speech"))
+    ref = small_model(tiny_args(tmp_path), mods=("video", "audio", "text", "image"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.state_dict().items() if k.startswith(INIT_SHARED))
 
 
 def test_order_and_joint(tmp_path):
