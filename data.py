@@ -460,6 +460,7 @@ MODE_VOCAB = MODE_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
 MODE_STREAMS = (["pretrain", "reference_train", "reference_test"]
                 + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")])
 _MODE_ID = {w: i for i, w in enumerate(MODE_TEXT)}
+MODE_SPECIAL = {"boi_id": _MODE_ID["<boi>"], "eoi_id": _MODE_ID["<eoi>"], "pad_id": _MODE_ID["<pad>"], "eos_id": None}
 
 
 def mode_shape_masks() -> np.ndarray:
@@ -564,7 +565,7 @@ def mode_read_image(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarr
 
 def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
     """Read a --data-dir for mode.py: meta.json + one .npz per stream (see mode.py's docstring).
-    Returns (meta, streams); raises DataError naming the file and the problem."""
+    Returns (meta with image_ids and the special ids, streams); raises DataError naming the file and the problem."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: --data-dir is not a directory")
@@ -573,17 +574,66 @@ def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path}: cannot read meta.json ({e})") from e
-    V, lo, tasks = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("tasks")
-    if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
-        raise DataError(f"{meta_path}: need ints vocab_size and image_token_start "
-                        "with 0 < image_token_start < vocab_size")
+    V, tasks = meta.get("vocab_size"), meta.get("tasks")
+    image_ids = _mode_image_ids(meta, meta_path)
     if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
         raise DataError(f"{meta_path}: 'tasks' must be a non-empty list of task names")
+    special = {k: meta.get(k) for k in MODE_SPECIAL}
+    for k, v in special.items():
+        if v is not None and not (isinstance(v, int) and 0 <= v < V and v not in image_ids):
+            raise DataError(f"{meta_path}: '{k}' must be a text id in [0, vocab_size) (got {v!r})")
     streams = {}
     for name in (["pretrain", "reference_train", "reference_test"]
                  + [f"{t}_{s}" for t in tasks for s in ("train", "test")]):
         streams[name] = _mode_load_stream(os.path.join(data_dir, f"{name}.npz"), V, max_len)
-    return {"vocab_size": V, "image_token_start": lo, "tasks": tasks}, streams
+        _mode_check_modality(os.path.join(data_dir, f"{name}.npz"), streams[name], image_ids, special)
+    return {"vocab_size": V, "image_token_start": image_ids[0], "tasks": tasks, "image_ids": image_ids,
+            **special}, streams
+
+
+def _mode_image_ids(meta: dict, meta_path: str) -> List[int]:
+    """Sorted image ids: image_token_ranges [[lo, hi), ...] (Chameleon's codes lie inside the vocabulary) or,
+    in older files, image_token_start (every id >= it)."""
+    V, lo, ranges = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("image_token_ranges")
+    if ranges is None:
+        if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
+            raise DataError(f"{meta_path}: need ints vocab_size and image_token_start "
+                            "with 0 < image_token_start < vocab_size (or image_token_ranges)")
+        ranges = [[lo, V]]
+    ok = isinstance(V, int) and isinstance(ranges, list) and ranges and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 0 < r[0] < r[1] <= V
+        for r in ranges)
+    if not ok:
+        raise DataError(f"{meta_path}: image_token_ranges must be [[lo, hi), ...] with 0 < lo < hi <= vocab_size")
+    ids = sorted({i for a, b in ranges for i in range(a, b)})
+    if lo is not None and lo != ids[0]:
+        raise DataError(f"{meta_path}: image_token_start {lo} is not the first id of image_token_ranges ({ids[0]})")
+    return ids
+
+
+def _mode_check_modality(path: str, st: Dict[str, np.ndarray], image_ids: List[int], special: dict) -> None:
+    """With boi_id and eoi_id in meta.json: the modality array must equal the one derived from the ids
+    (1 for image ids, <boi> and <eoi>, else 0)."""
+    if special["boi_id"] is None or special["eoi_id"] is None:
+        return
+    derived = np.isin(st["tokens"], image_ids + [special["boi_id"], special["eoi_id"]]).astype(np.int64)
+    bad = np.where((derived != st["modality"]).any(1))[0]
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]}: 'modality' differs from the one derived from the token ids "
+                        "(1 for image ids, boi_id and eoi_id)")
+
+
+def export_mode_world(out_dir: str, seed: int = 0, n_pretrain: int = 4096, n_train: int = 2048,
+                      n_test: int = 512) -> None:
+    """Write the built-in world as a --data-dir (with the image id range and the special ids)."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"vocab_size": MODE_VOCAB, "image_token_start": MODE_IMAGE_LO,
+            "image_token_ranges": [[MODE_IMAGE_LO, MODE_VOCAB]], "tasks": MODE_TASKS,
+            **{k: v for k, v in MODE_SPECIAL.items() if v is not None}}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    for name, st in make_mode_world(seed, n_pretrain, n_train, n_test).items():
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **{k: st[k] for k in ("tokens", "modality", "loss_mask")})
 
 
 def _mode_load_stream(path: str, V: int, max_len: int) -> Dict[str, np.ndarray]:

@@ -131,6 +131,7 @@ loop, batches, steps and fresh-per-task AdamW as the other methods unless said; 
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -141,6 +142,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -214,6 +216,18 @@ class Args:
     """use only the first N tasks of the sequence (0 = all)"""
     answers: Literal["single", "multi"] = "single"
     """built-in data: single-token answers (headline) or `it is <value> <eos>` scored by greedy exact match too"""
+    backbone: Literal["tiny", "hf"] = "tiny"
+    """tiny = the built-in decoder; hf = transformers' Chameleon / Anole classes (pip install "transformers>=4.43")"""
+    hf_model: Optional[str] = None
+    """--backbone hf: local directory of a Chameleon / Anole checkpoint (config.json + weights); nothing is downloaded"""
+    hf_tiny_random: bool = False
+    """--backbone hf: a random Chameleon sized by --d-model/--n-layers/--n-heads/--d-ff, pre-trained like the tiny one"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """--backbone hf: dtype of the frozen base (auto = bfloat16 on CUDA, float32 on CPU); experts stay float32"""
+    gradient_checkpointing: bool = False
+    """--backbone hf: recompute each decoder layer in backward (non-reentrant) to save activation memory"""
+    dist: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """--backbone hf under torchrun: data parallel (auto = ddp when WORLD_SIZE > 1); nccl on CUDA, gloo on CPU"""
 
     # Algorithm specific arguments
     method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
@@ -328,6 +342,8 @@ def config_hash(args: Args, source: str) -> str:
     cfg = {k: getattr(args, k) for k in keys}
     if args.pretrain_max_grad_norm != 1.0:  # keeps the keys of caches made before the flag existed
         cfg["pretrain_max_grad_norm"] = args.pretrain_max_grad_norm
+    if args.backbone == "hf":  # --hf-tiny-random
+        cfg["backbone"] = "hf-tiny-random"
     blob = json.dumps(cfg | {"source": source, "v": 1}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -353,8 +369,9 @@ def is_expert(name: str) -> bool:
 
 def base_hashes(model: nn.Module) -> Dict[str, str]:
     """sha1 of every frozen base tensor: base_weights_unchanged compares against the pre-trained weights."""
-    return {k: hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in model.state_dict().items() if not is_expert(k)}
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}  # FSDP2
+    return {k: hashlib.sha1(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in local.items() if not is_expert(k)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -366,9 +383,10 @@ class ExpertLinear(nn.Module):
     restore = (expert tensors of a snapshot, bool [B, S]) gives the selected tokens the snapshot's delta.
     patch (Model Tailor) is a frozen dense weight change on routed tokens; usage (CL-MoE) counts top-2 experts."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, base: Optional[nn.Linear] = None, holder=None):
         super().__init__()
-        self.base = nn.Linear(d_in, d_out, bias=False)
+        self.base = nn.Linear(d_in, d_out, bias=False) if base is None else base
+        self.holder = holder  # hf backbone: the Route every wrapper reads (transformers' MLP passes only x)
         self.n_text, self.image_side, self.restore, self.usage = 0, False, None, None
         self.register_buffer("patch", None)
 
@@ -378,14 +396,15 @@ class ExpertLinear(nn.Module):
         bound = 1 / math.sqrt(d_in)  # = kaiming_uniform(a=sqrt(5)) as in LoRA; B = 0 -> identity at init
         self.base.weight.requires_grad_(False)
         self.n_text, self.image_side, self.scale, self.drop = n_text, image_side, alpha / r, nn.Dropout(dropout)
-        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r_text).uniform_(-bound, bound))
-        self.B_t = nn.Parameter(torch.zeros(n_text, r_text, d_out))
-        self.router = nn.Linear(d_in, n_text, bias=False) if n_text > 1 else None
+        dev = self.base.weight.device  # experts in float32 whatever the base's dtype
+        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r_text, device=dev).uniform_(-bound, bound))
+        self.B_t = nn.Parameter(torch.zeros(n_text, r_text, d_out, device=dev))
+        self.router = nn.Linear(d_in, n_text, bias=False, device=dev) if n_text > 1 else None
         if image_side:
-            self.A_v = nn.Parameter(torch.empty(d_in, r).uniform_(-bound, bound))
-            self.B_v = nn.Parameter(torch.zeros(r, d_out))
+            self.A_v = nn.Parameter(torch.empty(d_in, r, device=dev).uniform_(-bound, bound))
+            self.B_v = nn.Parameter(torch.zeros(r, d_out, device=dev))
         if patch:
-            self.patch = torch.zeros_like(self.base.weight)
+            self.patch = torch.zeros_like(self.base.weight, dtype=torch.float32)
 
     def experts(self) -> Dict[str, Optional[torch.Tensor]]:
         if self.n_text == 0:
@@ -408,16 +427,18 @@ class ExpertLinear(nn.Module):
             return torch.where(route.unsqueeze(-1) == 1, h @ p["A_v"] @ p["B_v"], delta)
         return torch.where(route.unsqueeze(-1) == 1, torch.zeros_like(delta), delta)
 
-    def forward(self, x: torch.Tensor, route: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.base(x)
+        route = route if self.holder is None else self.holder.value
         if route is None or self.n_text == 0:
             return y
+        x = x.to(self.A_t.dtype)  # a bfloat16 base: the experts compute in float32
         h = self.drop(x)
         delta = self.adapted(x, h, route, self.experts())
         if self.restore is not None:  # path attribution only
             snapshot, sel = self.restore
             delta = torch.where(sel.unsqueeze(-1), self.adapted(x, h, route, snapshot), delta)
-        return y + delta
+        return y + delta.to(y.dtype)
 
     def adapted(self, x, h, route, p: dict) -> torch.Tensor:
         delta = self.scale * self.delta(x, h, route, p)
@@ -499,29 +520,42 @@ class Prompts(nn.Module):
 
 
 # ----------------------------------------------------------------------------- losses
-def restrict_logits(logits: torch.Tensor, targets: torch.Tensor, image_lo: int) -> torch.Tensor:
+def is_image_id(ids: torch.Tensor, image_lo) -> torch.Tensor:
+    """image_lo: the first image id (image codes are the vocabulary's tail) or a bool table [V] (meta.json's
+    image_token_ranges, e.g. Anole's codes 4..8195 inside the vocabulary)."""
+    return ids >= image_lo if isinstance(image_lo, int) else image_lo[ids]
+
+
+def image_columns(image_lo):
+    """Index of the image-code columns of a logit tensor (a slice for a tail, else the bool table)."""
+    return slice(image_lo, None) if isinstance(image_lo, int) else image_lo
+
+
+def restrict_logits(logits: torch.Tensor, targets: torch.Tensor, image_lo) -> torch.Tensor:
     """Modality logit mask (as the code's train-text / train-image modes): a text target is scored over
     text ids only, an image-code target over image codes only."""
-    vocab_is_image = torch.arange(logits.shape[-1], device=logits.device) >= image_lo
-    return logits.masked_fill(vocab_is_image != (targets >= image_lo).unsqueeze(-1), float("-inf"))
+    vocab_is_image = is_image_id(torch.arange(logits.shape[-1], device=logits.device), image_lo)
+    return logits.masked_fill(vocab_is_image != is_image_id(targets, image_lo).unsqueeze(-1), float("-inf"))
 
 
-def lm_loss(logits: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo: int) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo, denom: Optional[float] = None):
     # Eq. (CE): next-token cross-entropy on the target tokens only (answers, or image codes)
     targets, mask = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:].bool()
     logits = restrict_logits(logits[:, :-1], targets, image_lo)
-    return F.cross_entropy(logits[mask], targets[mask])
+    if denom is None:
+        return F.cross_entropy(logits[mask], targets[mask])
+    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / denom  # hf: global count (D6)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo: int,
-            tau: float, double_tau: bool = False, all_positions: bool = False) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo,
+            tau: float, double_tau: bool = False, all_positions: bool = False, denom: Optional[float] = None):
     # Eq. (KD): L_KD = tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)) over the image vocabulary
-    div = tau * tau if double_tau else tau
-    log_s = F.log_softmax(student[:, :-1, image_lo:].float() / div, -1)
-    log_t = F.log_softmax(teacher[:, :-1, image_lo:].float() / div, -1)
+    div, cols = tau * tau if double_tau else tau, image_columns(image_lo)
+    log_s = F.log_softmax(student[:, :-1, cols].float() / div, -1)
+    log_t = F.log_softmax(teacher[:, :-1, cols].float() / div, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     mask = torch.ones_like(kl, dtype=torch.bool) if all_positions else batch["loss_mask"][:, 1:].bool()
-    return tau * tau * kl[mask].mean()
+    return tau * tau * (kl[mask].mean() if denom is None else kl[mask].sum() / denom)
 
 
 
@@ -791,8 +825,8 @@ def tailor_model(model: UnifiedLM, calib: Dict[str, torch.Tensor], args: Args, i
     model.eval()
     route, valid = torch.zeros_like(calib["tokens"]), calib["tokens"] != 0
     sign = 1.0 if args.official_tailor_sign else -1.0
-    for blk in model.blocks:
-        layers = [blk.gate, blk.up, blk.down]
+    experts = model.expert_layers()
+    for layers in (experts[i:i + 3] for i in range(0, len(experts), 3)):  # one block's gate, up, down
         for layer, x in zip(layers, layer_inputs(model, layers, calib["tokens"], route)):
             x = x[valid].double()
             w_pre = layer.base.weight + layer.patch
@@ -816,7 +850,7 @@ def answer_vocab(stream: Dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
 
 def expert_snapshot(model: UnifiedLM) -> List[dict]:
     """A copy of every layer's expert tensors (path attribution restores them per token)."""
-    return [{k: None if v is None else v.detach().clone() for k, v in layer.experts().items()}
+    return [{k: None if v is None else full_tensor(v.detach()).clone() for k, v in layer.experts().items()}
             for layer in model.expert_layers()]
 
 
@@ -909,6 +943,8 @@ def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, offi
     """MAX_NEW_TOKENS greedy tokens after the first q tokens; image ids masked (the official inference-text mask),
     generated tokens routed as text; DualPrompt's prefix selected once from the question."""
     seq, mod = b["tokens"][:, :q], b["modality"][:, :q]
+    if isinstance(model, HFLM):
+        return hf_greedy(model, seq, mod, scheme, official, image_lo, MAX_NEW_TOKENS, where)
     prompt = prompt_for(model, seq, torch.full((len(seq),), q - 1, device=seq.device))
     for _ in range(MAX_NEW_TOKENS):
         logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), prompt)[:, -1, :image_lo]
@@ -955,6 +991,276 @@ def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
     return None if lost <= 0 else sum(r - R[-1][j] for j, r in enumerate(attr[f"restored_{path}"])) / lost
 
 
+# ----------------------------------------------------------------------------- hf backbone (transformers' Chameleon / Anole)
+HF_PIP = 'pip install "transformers>=4.43"'
+HF_MLP = ("gate_proj", "up_proj", "down_proj")
+NOT_DISTRIBUTED = ("cl-moe", "model-tailor")  # their after-task steps need the full, unsharded experts on one rank
+
+
+class Route:
+    """The route every ExpertLinear of an HFLM reads: LongTensor [B, S] (0 text side, 1 image side) or None."""
+
+    def __init__(self):
+        self.value = None
+
+
+@dataclass
+class Dist:
+    """Data parallelism of an HFLM: kind (none | ddp | fsdp), rank, world size and the module training passes go
+    through (DDP's wrapper; FSDP2 shards the model in place)."""
+    kind: str = "none"
+    rank: int = 0
+    world: int = 1
+    net: Optional[nn.Module] = None
+
+
+class HFLM(nn.Module):
+    """transformers' ChameleonForConditionalGeneration behind UnifiedLM's call model(tokens, route): each decoder
+    layer's mlp.gate/up/down_proj wrapped in an ExpertLinear; logits = lm_head(final hidden states), since the
+    upstream .logits set every image id to finfo.min. The route stays set after a forward (`hf_step`)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf, self.holder, self.prompts, self.dist = hf, Route(), None, Dist()
+        for layer in hf.model.layers:
+            for name in HF_MLP:
+                old = getattr(layer.mlp, name)
+                setattr(layer.mlp, name, ExpertLinear(old.in_features, old.out_features, old, self.holder))
+        self.cache_kw = "cache" if "cache" in inspect.signature(hf.model.forward).parameters else "past_key_values"
+
+    def forward(self, tokens: torch.Tensor, route=None, prompt=None, cache=None) -> torch.Tensor:
+        assert prompt is None, "DualPrompt runs on the tiny backbone only"
+        self.holder.value = route
+        kw = {"use_cache": cache is not None} | ({self.cache_kw: cache} if cache is not None else {})
+        return self.hf.lm_head(self.hf.model(input_ids=tokens, **kw).last_hidden_state)
+
+    def expert_layers(self) -> List[ExpertLinear]:
+        return [m for m in self.modules() if isinstance(m, ExpertLinear)]
+
+
+def hf_module():
+    """transformers, imported only for --backbone hf; without it (or without Chameleon): exit 2 with the pip command."""
+    try:
+        import transformers  # optional extra
+    except ImportError:
+        common.die(f"--backbone hf needs the optional package transformers (Chameleon classes): {HF_PIP}")
+    if not hasattr(transformers, "ChameleonForConditionalGeneration"):
+        common.die(f"--backbone hf: transformers {transformers.__version__} has no Chameleon classes: {HF_PIP}")
+    return transformers
+
+
+def chameleon_vocabulary(image_ids: List[int], vocab: int, boi: int, eoi: int) -> Dict[str, int]:
+    """Token names in Chameleon's convention: image code k is IMGIMG<digits of k as letters A-J>Z, BOI is
+    <racm3:break>, EOI <eoss>; transformers derives the image ids from these names."""
+    names = {"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(k)) + "Z": i for k, i in enumerate(image_ids)}
+    taken = set(image_ids) | {boi, eoi}
+    return names | {f"<text{i}>": i for i in range(vocab) if i not in taken} | {"<racm3:break>": boi, "<eoss>": eoi}
+
+
+def tiny_chameleon(args: Args, vocab: int, image_lo, special: Dict[str, int]) -> "HFLM":
+    """--hf-tiny-random: a Chameleon sized like the tiny model; its (unused) VQ encoder as small as GroupNorm(32)
+    allows."""
+    tf = hf_module()
+    image_ids = is_image_id(torch.arange(vocab), image_lo).nonzero().flatten().tolist()
+    vq = dict(embed_dim=4, num_embeddings=len(image_ids), latent_channels=4, resolution=16, base_channels=32,
+              channel_multiplier=[1], num_res_blocks=1)
+    cfg = tf.ChameleonConfig(
+        vocab_size=vocab, hidden_size=args.d_model, intermediate_size=args.d_ff, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads, max_position_embeddings=args.max_len,
+        vocabulary_map=chameleon_vocabulary(image_ids, vocab, special["boi_id"], special["eoi_id"]), vq_config=vq)
+    return HFLM(tf.ChameleonForConditionalGeneration(cfg))
+
+
+def load_chameleon(args: Args, device) -> "HFLM":
+    """--hf-model DIR: transformers' own classes, local files only (validate_hf checked DIR before)."""
+    tf = hf_module()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    kw = {"dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype": hf_dtype(args, device)}
+    hf = tf.ChameleonForConditionalGeneration.from_pretrained(args.hf_model, local_files_only=True, **kw)
+    c = hf.config
+    print(f"loaded {args.hf_model}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads,"
+          f" intermediate {c.intermediate_size}, vocab {c.vocab_size}")
+    return HFLM(hf).to(device)
+
+
+def hf_dtype(args: Args, device) -> torch.dtype:
+    auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return auto if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def dist_kind(args: Args) -> str:
+    if args.dist != "auto":
+        return args.dist
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+
+
+def init_dist(args: Args) -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo otherwise) unless --dist none."""
+    if dist_kind(args) == "none" or dist.is_initialized():
+        return
+    cuda = args.cuda and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def is_writer() -> bool:
+    """Only rank 0 (or a single process) writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def full_tensor(v: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank calls it); other tensors as they are."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def parallelize(model: "HFLM", args: Args) -> None:
+    """Gradient checkpointing (non-reentrant: the reentrant form fails with a frozen base), then DDP or FSDP2
+    (every decoder layer, then the root)."""
+    if args.gradient_checkpointing:
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kind = dist_kind(args)
+    model.dist = Dist(kind, *((dist.get_rank(), dist.get_world_size()) if kind != "none" else (0, 1)), model)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        model.dist.net = DistributedDataParallel(model, broadcast_buffers=False)
+    elif kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.hf.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+
+def local_rows(batch: Dict[str, torch.Tensor], d: Dist) -> Dict[str, torch.Tensor]:
+    """Rank r's rows [r B / W, (r + 1) B / W) of a global batch that every rank drew alike."""
+    n = len(batch["tokens"])
+    return {k: v[d.rank * n // d.world:(d.rank + 1) * n // d.world] for k, v in batch.items()}
+
+
+@contextmanager
+def grad_sync(d: Dist, on: bool):
+    """Gradients are reduced across ranks in a step's last backward only (DDP no_sync, FSDP2 gradient sync off)."""
+    if d.kind == "fsdp":
+        d.net.set_requires_gradient_sync(on)
+    if d.kind == "ddp" and not on:
+        with d.net.no_sync():
+            yield
+    else:
+        yield
+
+
+def hf_step(model: "HFLM", task_batch, ref_batch, scheme, args: Args, image_lo, kd_gen=None):
+    """Eq. (L_total) on the hf backbone, gradients accumulated pass by pass. CRUCIAL: each routed pass runs forward
+    and backward with its route unchanged; gradient checkpointing recomputes the MLPs in backward with the route set
+    then, so one backward after both passes would silently use the wrong experts. Each rank takes its rows of the
+    global batch; losses are sums over its targets / (global target count / world), as DDP and FSDP average."""
+    d = model.dist
+    tb = local_rows(task_batch, d)
+    with grad_sync(d, not scheme["kd"]):
+        ce = lm_loss(d.net(tb["tokens"], route_for(tb, scheme, "task")), tb, image_lo,
+                     float(task_batch["loss_mask"][:, 1:].sum()) / d.world)
+        ce.backward()
+    kd = torch.zeros((), device=ce.device)
+    if scheme["kd"]:
+        rb = local_rows(ref_batch, d)
+        with torch.no_grad():
+            teacher = model(rb["tokens"], None)  # frozen pre-trained model = experts bypassed
+        n_ref = ref_batch["loss_mask"][:, 1:].numel() if args.official_kd_all_positions \
+            else ref_batch["loss_mask"][:, 1:].sum()
+        with grad_sync(d, True):
+            kd = kd_loss(kd_student(d.net, rb, scheme, kd_gen), teacher, rb, image_lo, args.kd_temperature,
+                         args.official_kd_double_temperature, args.official_kd_all_positions, float(n_ref) / d.world)
+            (args.kd_lambda * kd).backward()
+    model.holder.value = None
+    ce, kd = ce.detach(), kd.detach()
+    return ce + args.kd_lambda * kd, ce, kd
+
+
+@torch.no_grad()
+def hf_greedy(model: "HFLM", seq, mod, scheme, official: bool, image_lo, n: int, where="") -> torch.Tensor:
+    """n greedy tokens with a KV cache: the question encoded once under its routing, then one token per step
+    routed as text; image ids masked."""
+    cache = hf_module().DynamicCache()
+    logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), None, cache)[:, -1]
+    is_img, out = is_image_id(torch.arange(logits.shape[-1], device=seq.device), image_lo), []
+    for i in range(n):
+        common.require_finite(logits, "exact match logits", where)
+        out.append(logits.float().masked_fill(is_img, float("-inf")).argmax(-1, keepdim=True))
+        if i + 1 < n:
+            logits = model(out[-1], route_for({"modality": torch.zeros_like(out[-1])}, scheme, "eval", official),
+                           None, cache)[:, -1]
+    return torch.cat(out, 1)
+
+
+def model_state(model) -> dict:
+    """What checkpoints hold: the tiny model's whole state; of the hf backbone the method's tensors only (experts,
+    routers, patches), whole (FSDP2 shards them)."""
+    if not isinstance(model, HFLM):
+        return model.state_dict()
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items() if is_expert(k)}
+
+
+def all_ranks(flag: bool) -> bool:
+    """flag on every rank (FSDP2: each rank checks its own shard)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def validate_hf(args: Args) -> None:
+    """--backbone hf and --dist checks (exit 2 naming the flag, before anything is written)."""
+    if args.backbone == "tiny":
+        for f, bad in (("hf_model", args.hf_model is not None), ("hf_tiny_random", args.hf_tiny_random),
+                       ("dtype", args.dtype != "auto"), ("gradient_checkpointing", args.gradient_checkpointing),
+                       ("dist", dist_kind(args) != "none")):
+            common.require(not bad, f, "needs --backbone hf")
+        return
+    hf_module()
+    common.require((args.hf_model is not None) != args.hf_tiny_random, "hf_model",
+                   "--backbone hf needs exactly one of --hf-model DIR and --hf-tiny-random")
+    common.require(args.method != "dualprompt", "method",
+                   "dualprompt needs the tiny decoder's attention (prefix keys/values); not on --backbone hf")
+    common.require(not (args.gradient_checkpointing and args.method == "cl-moe"), "gradient_checkpointing",
+                   "cl-moe counts expert usage in every training forward; the recomputation would count it twice")
+    if args.hf_model is not None:
+        validate_hf_dir(args)
+    validate_dist(args)
+
+
+def validate_hf_dir(args: Args) -> None:
+    cfg = os.path.join(args.hf_model, "config.json")
+    common.require(os.path.isdir(args.hf_model), "hf_model", f"{args.hf_model} is not a directory")
+    try:
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as e:
+        common.die(f"--hf-model: cannot read {cfg} ({e})")
+    common.require(model_type == "chameleon", "hf_model", f"{cfg}: model_type {model_type!r}, expected 'chameleon'")
+    common.require(args.data_dir is not None, "data_dir",
+                   "--hf-model needs --data-dir in the model's own token ids (the built-in world has 52 ids)")
+
+
+def validate_dist(args: Args) -> None:
+    kind, world = dist_kind(args), int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "none":
+        return
+    common.require("RANK" in os.environ, "dist", f"{kind} runs under torchrun (torchrun --nproc_per_node N mode.py)")
+    common.require(args.method not in NOT_DISTRIBUTED, "method", f"{args.method} runs on one process (--dist none)")
+    common.require(args.resume is None, "resume", "not with --dist ddp/fsdp")
+    for f in ("batch_size", "kd_batch_size"):
+        common.require(getattr(args, f) % world == 0, f, f"must be divisible by the {world} ranks")
+    if kind == "fsdp":
+        common.require(args.conflict_every == 0, "conflict_every",
+                       "must be 0 with --dist fsdp (the gradient check differentiates w.r.t. unsharded parameters)")
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            common.die(f"--dist: fsdp needs torch.distributed.fsdp.fully_shard (torch {torch.__version__} lacks it)")
+
+
+
 # ----------------------------------------------------------------------------- pre-training
 def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Generator, loggers: dict) -> None:
     """Full-parameter pre-training on captioning (image -> text) + text-to-image: the 'UMGM' before CL."""
@@ -980,15 +1286,17 @@ def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Gen
             common.log_scalars(loggers, {"pretrain/loss": loss.item()}, step + 1)
 
 
-def new_model(args: Args, vocab: int, device) -> UnifiedLM:
+def new_model(args: Args, vocab: int, device, image_lo=None, special=None):
     torch.manual_seed(args.seed)
+    if args.backbone == "hf":
+        return tiny_chameleon(args, vocab, image_lo, special).to(device)
     return UnifiedLM(vocab, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.max_len).to(device)
 
 
-def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, source: str, loggers: dict):
+def load_or_pretrain(args: Args, vocab: int, streams, image_lo, device, source: str, loggers: dict, special=None):
     """Return (pre-trained model, seconds spent pre-training (0 when loaded), cache path)."""
     path = os.path.join(args.pretrain_cache_dir, f"{config_hash(args, source)}.pt")
-    model = new_model(args, vocab, device)
+    model = new_model(args, vocab, device, image_lo, special)
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         print(f"loaded pre-trained model from {path}")
@@ -997,28 +1305,36 @@ def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, sou
     with sw:
         g = torch.Generator().manual_seed(args.seed + 1)  # kept (with the init seed): cached models stay valid
         pretrain(model, streams["pretrain"], args, image_lo, g, loggers)
-    os.makedirs(args.pretrain_cache_dir, exist_ok=True)
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if is_writer():
+        os.makedirs(args.pretrain_cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
     print(f"pre-trained in {sw.total:.1f}s, cached at {path}")
     return model, sw.total, path
 
 
-def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, scheme: dict, ckpt, loggers,
-          n_tasks: int):
+def build(args: Args, np_streams, streams, vocab: int, image_lo, device, scheme: dict, ckpt, loggers,
+          n_tasks: int, special=None):
     """The pre-trained model with the method's experts: (model, trainable, base hashes, pretrain s, cache path).
-    --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed."""
-    if ckpt is None:
+    --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed (hf: the
+    checkpoint holds the experts only; the base comes from --hf-model or the cache)."""
+    if args.hf_model is not None:
+        model, pretrain_s, cache = load_chameleon(args, device), 0.0, os.path.abspath(args.hf_model)
+    elif ckpt is None or args.backbone == "hf":
         pre = np_streams["pretrain"]  # the cache key covers the pre-training data itself, not just its path
         source = hashlib.sha1(b"".join(np.ascontiguousarray(pre[f]).tobytes() for f in FIELDS)).hexdigest()
-        model, pretrain_s, cache = load_or_pretrain(args, vocab, streams, image_lo, device, source, loggers)
+        model, pretrain_s, cache = load_or_pretrain(args, vocab, streams, image_lo, device, source, loggers, special)
     else:
         model, pretrain_s, cache = new_model(args, vocab, device), ckpt["timing"]["pretrain"], ckpt["pretrain_cache"]
+    if args.backbone == "hf":
+        model.hf.to(hf_dtype(args, device))
     # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
     torch.manual_seed(common.derive_seed(args.seed, "init/experts"))
     trainable = add_experts(model, args, scheme, n_tasks)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=args.backbone == "tiny")
+    if args.backbone == "hf":
+        parallelize(model, args)
     base = base_hashes(model) if ckpt is None else ckpt["base_sha1"]
     print(f"method {method_tag(args)} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
           f"{sum(p.numel() for p in model.parameters())} parameters")
@@ -1057,9 +1373,12 @@ def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args,
             g["lr"] = args.dp_lr if dp else args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
         tb = sample_batch(streams[f"{task}_train"], args.batch_size, gens["batches"])
         rb = sample_batch(streams["reference_train"], args.kd_batch_size, gens["reference"]) if scheme["kd"] else None
-        loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if isinstance(model, HFLM):  # a backward per routed pass, data parallel
+            loss, ce, kd = hf_step(model, tb, rb, scheme, args, image_lo, gens["reference"])
+        else:
+            loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
+            loss.backward()
         nn.utils.clip_grad_norm_(trainable, args.dp_max_grad_norm if dp else args.max_grad_norm)
         opt.step()
         sums += torch.stack([loss, ce, kd]).detach()  # device-side sums: no host sync per step on a GPU
@@ -1137,21 +1456,31 @@ def print_results(rows, tasks, summary, timing) -> None:
 
 # ----------------------------------------------------------------------------- main
 def load_data(args: Args):
-    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); bad data: exit 2."""
+    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id or a bool table [V] of image
+    ids (image_token_ranges not at the vocabulary's end), special ids {boi_id, eoi_id, pad_id}); bad data: exit 2."""
     try:
         if args.data_dir is None:
             streams, tasks = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test), data.MODE_TASKS
-            vocab, image_lo = data.MODE_VOCAB, data.MODE_IMAGE_LO
+            vocab, image_lo, special = data.MODE_VOCAB, data.MODE_IMAGE_LO, data.MODE_SPECIAL
             if args.answers == "multi":
                 streams = multi_answer_world(streams)
                 vocab, image_lo = vocab + len(MULTI_WORDS), image_lo + len(MULTI_WORDS)
         else:
             meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
-            tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+            tasks, vocab, image_lo, special = meta["tasks"], meta["vocab_size"], meta["image_token_start"], meta
+            if meta["image_ids"] != list(range(image_lo, vocab)):
+                image_lo = torch.zeros(vocab, dtype=torch.bool)
+                image_lo[meta["image_ids"]] = True
     except data.DataError as e:
         common.die(str(e))
     common.require(args.num_tasks <= len(tasks), "num_tasks", f"must be in [0, {len(tasks)}] (got {args.num_tasks})")
-    return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo
+    return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo, special
+
+
+def backbone_tag(args: Args) -> str:
+    if args.backbone == "tiny":
+        return "tiny"
+    return "hf-tiny-random" if args.hf_tiny_random else "hf-" + os.path.basename(os.path.normpath(args.hf_model))
 
 
 def multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
@@ -1193,6 +1522,7 @@ def validate(args: Args) -> None:
     common.require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {args.lora_dropout})")
     common.require(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}")
     validate_baselines(args)
+    validate_hf(args)
     common.require(args.answers == "single" or args.data_dir is None, "answers",
                    "multi needs the built-in data (its answers are rewritten as `it is <value> <eos>`)")
     common.require(args.answers == "single" or args.max_len >= QUESTION_LEN + 5, "max_len",
@@ -1221,14 +1551,17 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: setup
     validate(args)
     common.check_extras(args)
-    np_streams, tasks, vocab, image_lo = load_data(args)
+    np_streams, tasks, vocab, image_lo, special = load_data(args)
+    init_dist(args)
     gen = common.seed_everything(args.seed, args.torch_deterministic)
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
+    image_lo = image_lo if isinstance(image_lo, int) else image_lo.to(device)
     method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
-    name = common.run_name("mode", method, common.data_tag(args.data_dir), "tiny", args.seed)
-    run_dir, ckpt = common.open_run(args, name, "mode")
-    loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1))
+    name = common.run_name("mode", method, common.data_tag(args.data_dir), backbone_tag(args), args.seed)
+    run_dir, ckpt = common.open_run(args, name, "mode") if is_writer() else (None, None)  # only rank 0 writes
+    loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1)) \
+        if is_writer() else {}
     print(f"run {name} -> {run_dir} (device: {device})")
     gens = generators(args.seed, gen)
     t_start = time.perf_counter() - (ckpt["timing"]["total"] if ckpt else 0.0)
@@ -1236,7 +1569,7 @@ def main(args: Args) -> dict:
     streams = {k: to_tensors({f: v[f] for f in FIELDS}, device) for k, v in np_streams.items()}
     scheme = scheme_of(args)
     model, trainable, base_sha1, pretrain_s, cache = build(args, np_streams, streams, vocab, image_lo, device,
-                                                           scheme, ckpt, loggers, len(tasks))
+                                                           scheme, ckpt, loggers, len(tasks), special)
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
     eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else None
@@ -1265,13 +1598,15 @@ def main(args: Args) -> dict:
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}
-        if args.save_model:
-            torch.save({"model": model.state_dict(), "task": k + 1, "args": vars(args)},
+        weights = model_state(model)  # FSDP2: a collective, on every rank
+        if args.save_model and is_writer():
+            torch.save({"model": weights, "task": k + 1, "args": vars(args)},
                        os.path.join(run_dir, f"model_after_{task}.pt"))
-        common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
-            "model": model.state_dict(), "rng": common.rng_state(gens), "rows": rows,
-            "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
-            "pretrain_cache": cache, "timing": timing})
+        if is_writer():
+            common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
+                "model": weights, "rng": common.rng_state(gens), "rows": rows,
+                "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
+                "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results
     with eval_sw:
@@ -1285,18 +1620,21 @@ def main(args: Args) -> dict:
              "scheme": scheme, "clmoe_usage": [u.tolist() for u in state["usage"]] or None,
              "dp_selection_acc": [r["dp_selection_acc"] for r in rows] if model.prompts is not None else None,
              "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
-             "base_weights_unchanged": base_hashes(model) == base_sha1}
+             "base_weights_unchanged": all_ranks(base_hashes(model) == base_sha1)}
     res = common.results_envelope(
-        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone="tiny",
+        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone=backbone_tag(args),
         seed=args.seed, run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
         device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
         summary=summary, timing_s=timing)
-    common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
-    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
-    if args.plot:
-        common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks, "accuracy, closed-set (E1), percent")
-    common.close_loggers(loggers)
-    common.finish_run(run_dir, args.save_model)
+    if is_writer():
+        common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
+        common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
+        if args.plot:
+            common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks, "accuracy, closed-set (E1), percent")
+        common.close_loggers(loggers)
+        common.finish_run(run_dir, args.save_model)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return res
 
 
