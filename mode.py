@@ -219,9 +219,9 @@ class Args:
     backbone: Literal["tiny", "hf"] = "tiny"
     """tiny = the built-in decoder; hf = transformers' Chameleon / Anole classes (pip install "transformers>=4.43")"""
     hf_model: Optional[str] = None
-    """--backbone hf: local directory of a Chameleon / Anole checkpoint (config.json + weights); nothing is downloaded"""
+    """--backbone hf: local directory of a Chameleon / Anole checkpoint (config.json + weights); no downloads"""
     hf_tiny_random: bool = False
-    """--backbone hf: a random Chameleon sized by --d-model/--n-layers/--n-heads/--d-ff, pre-trained like the tiny one"""
+    """--backbone hf: a random Chameleon sized by --d-model/--n-layers/--n-heads/--d-ff, pre-trained as the tiny one"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """--backbone hf: dtype of the frozen base (auto = bfloat16 on CUDA, float32 on CPU); experts stay float32"""
     gradient_checkpointing: bool = False
@@ -991,7 +991,7 @@ def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
     return None if lost <= 0 else sum(r - R[-1][j] for j, r in enumerate(attr[f"restored_{path}"])) / lost
 
 
-# ----------------------------------------------------------------------------- hf backbone (transformers' Chameleon / Anole)
+# ----------------------------------------------------------------- hf backbone (transformers' Chameleon / Anole)
 HF_PIP = 'pip install "transformers>=4.43"'
 HF_MLP = ("gate_proj", "up_proj", "down_proj")
 NOT_DISTRIBUTED = ("cl-moe", "model-tailor")  # their after-task steps need the full, unsharded experts on one rank
@@ -1039,7 +1039,7 @@ class HFLM(nn.Module):
 
 
 def hf_module():
-    """transformers, imported only for --backbone hf; without it (or without Chameleon): exit 2 with the pip command."""
+    """transformers, imported only for --backbone hf; without it (or its Chameleon): exit 2 with the pip command."""
     try:
         import transformers  # optional extra
     except ImportError:
@@ -1078,8 +1078,8 @@ def load_chameleon(args: Args, device) -> "HFLM":
     kw = {"dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype": hf_dtype(args, device)}
     hf = tf.ChameleonForConditionalGeneration.from_pretrained(args.hf_model, local_files_only=True, **kw)
     c = hf.config
-    print(f"loaded {args.hf_model}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads,"
-          f" intermediate {c.intermediate_size}, vocab {c.vocab_size}")
+    print(f"loaded {args.hf_model}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+          f"{c.num_attention_heads} heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}")
     return HFLM(hf).to(device)
 
 
@@ -1117,7 +1117,9 @@ def full_tensor(v: torch.Tensor) -> torch.Tensor:
 def parallelize(model: "HFLM", args: Args) -> None:
     """Gradient checkpointing (non-reentrant: the reentrant form fails with a frozen base), then DDP or FSDP2
     (every decoder layer, then the root)."""
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and hasattr(model.hf, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.hf.activation_checkpointing_enable({"use_reentrant": False})
+    elif args.gradient_checkpointing:
         model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kind = dist_kind(args)
     model.dist = Dist(kind, *((dist.get_rank(), dist.get_world_size()) if kind != "none" else (0, 1)), model)
@@ -1242,6 +1244,24 @@ def validate_hf_dir(args: Args) -> None:
                    "--hf-model needs --data-dir in the model's own token ids (the built-in world has 52 ids)")
 
 
+def check_hf_vocab(args: Args, vocab: int, image_lo, special: dict) -> None:
+    """--hf-model: meta.json must describe the model's vocabulary: its size, the image ids (the IMGIMG names) and
+    BOI / EOI (<racm3:break> / <eoss>) where given. Exit 2 before anything is written."""
+    with open(os.path.join(args.hf_model, "config.json")) as f:
+        cfg = json.load(f)
+    names = cfg.get("vocabulary_map") or {}
+    image = sorted(i for n, i in names.items() if n.startswith("IMGIMG"))
+    ours = is_image_id(torch.arange(vocab), image_lo).nonzero().flatten().tolist()
+    common.require(cfg.get("vocab_size") == vocab, "data_dir",
+                   f"meta.json vocab_size {vocab} != {cfg.get('vocab_size')} of --hf-model")
+    common.require(image == ours, "data_dir", f"meta.json image ids ({len(ours)} from {ours[0]}) differ from the "
+                   f"{len(image)} IMGIMG tokens of --hf-model" + (f" (from {image[0]})" if image else ""))
+    for key, name in (("boi_id", "<racm3:break>"), ("eoi_id", "<eoss>")):
+        common.require(special.get(key) in (None, names.get(name)), "data_dir",
+                       f"meta.json {key} {special.get(key)} != the id of {name} in --hf-model ({names.get(name)})")
+    print(f"--hf-model vocabulary: {vocab} ids, image ids {image[0]}..{image[-1]} ({len(image)})")
+
+
 def validate_dist(args: Args) -> None:
     kind, world = dist_kind(args), int(os.environ.get("WORLD_SIZE", "1"))
     if kind == "none":
@@ -1335,6 +1355,7 @@ def build(args: Args, np_streams, streams, vocab: int, image_lo, device, scheme:
         model.load_state_dict(ckpt["model"], strict=args.backbone == "tiny")
     if args.backbone == "hf":
         parallelize(model, args)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensors
     base = base_hashes(model) if ckpt is None else ckpt["base_sha1"]
     print(f"method {method_tag(args)} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
           f"{sum(p.numel() for p in model.parameters())} parameters")
@@ -1552,6 +1573,8 @@ def main(args: Args) -> dict:
     validate(args)
     common.check_extras(args)
     np_streams, tasks, vocab, image_lo, special = load_data(args)
+    if args.hf_model is not None:
+        check_hf_vocab(args, vocab, image_lo, special)
     init_dist(args)
     gen = common.seed_everything(args.seed, args.torch_deterministic)
     common.set_threads(args.num_threads)
@@ -1622,15 +1645,17 @@ def main(args: Args) -> dict:
              "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
              "base_weights_unchanged": all_ranks(base_hashes(model) == base_sha1)}
     res = common.results_envelope(
-        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone=backbone_tag(args),
-        seed=args.seed, run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
+        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir),
+        backbone=backbone_tag(args), seed=args.seed,
+        run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
         device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
         summary=summary, timing_s=timing)
     if is_writer():
         common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
         common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
         if args.plot:
-            common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks, "accuracy, closed-set (E1), percent")
+            common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks,
+                               "accuracy, closed-set (E1), percent")
         common.close_loggers(loggers)
         common.finish_run(run_dir, args.save_model)
     if dist.is_initialized():

@@ -889,3 +889,18 @@ def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
     assert set(res["matrices"]) == set(mode.MATRICES) and "answers=multi" in res["variant"]
     assert {"acc_exact", "forgetting_exact", "bwt_exact_official_routing"} <= set(res["summary"])
     assert res["matrices"]["acc_exact"] == res["matrices"]["acc_open"]  # greedy exact match = teacher-forced argmax
+
+
+def test_exported_world_modality_is_derived_from_the_ids_and_a_wrong_row_is_named(tmp_path):
+    d = tmp_path / "w"
+    data.export_mode_world(str(d), 0, n_pretrain=16, n_train=16, n_test=16)
+    meta, st = data.load_mode_dir(str(d), 32)
+    assert meta["image_ids"] == list(range(data.MODE_IMAGE_LO, data.MODE_VOCAB)) and meta["boi_id"] == 3
+    for name in data.MODE_STREAMS:
+        derived = np.isin(st[name]["tokens"], meta["image_ids"] + [meta["boi_id"], meta["eoi_id"]])
+        assert np.array_equal(derived, st[name]["modality"])
+    w = dict(np.load(d / "gqa_test.npz"))
+    w["modality"][7, 0] = 1
+    np.savez(d / "gqa_test.npz", **w)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 7: 'modality' differs"):
+        data.load_mode_dir(str(d), 32)

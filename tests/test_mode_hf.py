@@ -1,0 +1,290 @@
+"""mode.py --backbone hf on a tiny random Chameleon (transformers' own classes, CPU): wrappers on the MLP only,
+identity at init and teacher bypass, routing isolation, logits vs the upstream forward, KD, gradient checkpointing,
+cached greedy decoding, every method end to end, bad input, and DDP / FSDP2 under torchrun (gloo)."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import mode
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(backbone="hf", hf_tiny_random=True, d_model=32, n_layers=2, n_heads=4, d_ff=64, lora_rank=4,
+             lora_dropout=0.0)
+RUN = dict(SMALL, n_train=64, n_test=16, gen_samples=8, pretrain_steps=10, steps_per_task=3, num_tasks=2,
+           batch_size=8, kd_batch_size=8, log_every=1000)
+LO = data.MODE_IMAGE_LO
+
+
+def hf_model(method="mode", perturb=0.0, **kw):
+    """A tiny random Chameleon with the method's experts (B perturbed by N(0, perturb) when asked), parallelized."""
+    args = mode.Args(**(SMALL | kw), method=method)
+    torch.manual_seed(0)
+    model = mode.tiny_chameleon(args, data.MODE_VOCAB, LO, data.MODE_SPECIAL)
+    plain = copy.deepcopy(model.hf)  # before any expert: the upstream model
+    scheme = mode.scheme_of(args)
+    mode.add_experts(model, args, scheme)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if perturb and p.requires_grad:
+                p.add_(torch.randn_like(p) * perturb)
+    mode.parallelize(model, args)
+    return model, plain, args, scheme
+
+
+def streams(n=32):
+    w = data.make_mode_world(0, n_pretrain=n, n_train=n, n_test=n)
+    return {k: mode.to_tensors({f: v[f] for f in mode.FIELDS}, "cpu") for k, v in w.items()}
+
+
+def upstream_logits(hf, tokens):
+    return hf.lm_head(hf.model(input_ids=tokens).last_hidden_state)
+
+
+def grads(model):
+    return {n: mode.full_tensor(p.grad).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step1_grads(dist="none", gradient_checkpointing=False, one_backward=False):
+    """Expert gradients of one MoDE step (task CE + KD) on perturbed experts; one_backward = the wrong variant."""
+    model, _, args, scheme = hf_model(perturb=0.05, dist=dist, gradient_checkpointing=gradient_checkpointing)
+    S, g = streams(), torch.Generator().manual_seed(3)
+    tb, rb = mode.sample_batch(S["gqa_train"], 8, g), mode.sample_batch(S["reference_train"], 8, g)
+    model.train()
+    if one_backward:
+        mode.task_step_loss(model, tb, rb, scheme, args, LO)[0].backward()
+    else:
+        mode.hf_step(model, tb, rb, scheme, args, LO)
+    return grads(model)
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys() and a
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ----------------------------------------------------------------------------- model
+def test_experts_wrap_exactly_the_mlp_projections():
+    model, _, _, _ = hf_model()
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, mode.ExpertLinear)}
+    assert wrapped == {f"hf.model.layers.{i}.mlp.{p}" for i in range(2) for p in mode.HF_MLP}
+    assert all(".mlp." in n and not n.endswith("base") for n, p in model.named_parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not mode.is_expert(n))
+    assert all(len(dict(m.named_parameters())) > 1 for m in model.expert_layers())  # experts were added
+
+
+def test_identity_at_init_and_teacher_bypass_equal_the_unwrapped_model():
+    S = streams()
+    b = S["gqa_test"]
+    model, plain, _, scheme = hf_model()
+    model.eval()
+    with torch.no_grad():
+        ref = upstream_logits(plain, b["tokens"])
+        assert torch.equal(model(b["tokens"], mode.route_for(b, scheme, "task")), ref)
+        assert torch.equal(model(b["tokens"], None), ref)
+        model2, _, _, _ = hf_model(perturb=0.05)
+        model2.eval()
+        assert not torch.allclose(model2(b["tokens"], mode.route_for(b, scheme, "task")), ref)
+        assert torch.equal(model2(b["tokens"], None), ref)  # teacher = experts bypassed
+
+
+def test_routing_text_and_image_tokens_reach_only_their_experts():
+    model, _, _, _ = hf_model(perturb=0.05)
+    text, image = mode.split_params(model)
+    tokens = torch.randint(0, LO, (4, 12))
+    for route_value, zero_side, live_side in ((0, image, text), (1, text, image)):
+        model.zero_grad()
+        model(tokens, torch.full_like(tokens, route_value)).square().mean().backward()
+        assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in zero_side)
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in live_side)
+
+
+def test_logits_equal_upstream_except_image_ids():
+    model, plain, _, _ = hf_model()
+    tokens = torch.randint(0, data.MODE_VOCAB, (3, 20))
+    with torch.no_grad():
+        up, ours = plain(input_ids=tokens).logits, model(tokens, None)
+    assert torch.equal(up[..., :LO], ours[..., :LO])
+    assert bool((up[..., LO:] == torch.finfo(up.dtype).min).all()) and bool((ours[..., LO:] > -1e4).all())
+
+
+def test_kd_is_zero_with_fresh_experts_and_positive_after_perturbing_the_v_adapter():
+    S = streams()
+    model, _, args, scheme = hf_model()
+    model.eval()
+    _, _, kd = mode.hf_step(model, S["gqa_train"], S["reference_train"], scheme, args, LO)
+    assert kd.abs() < 1e-6
+    with torch.no_grad():
+        for layer in model.expert_layers():
+            layer.B_v.normal_(0, 0.1)
+    _, _, kd = mode.hf_step(model, S["gqa_train"], S["reference_train"], scheme, args, LO)
+    assert kd > 1e-4
+
+
+def test_gradient_checkpointing_keeps_the_route_fixed_per_pass():
+    ref = step1_grads()
+    assert max_diff(step1_grads(gradient_checkpointing=True), ref) < 1e-6
+    assert max_diff(step1_grads(one_backward=True), ref) < 1e-6  # without checkpointing the order does not matter
+    assert max_diff(step1_grads(gradient_checkpointing=True, one_backward=True), ref) > 1e-3  # the bug it prevents
+
+
+def test_cached_greedy_decoding_equals_recomputing_the_sequence():
+    model, _, _, scheme = hf_model(perturb=0.1)
+    model.eval()
+    b = streams()["gqa_test"]
+    seq, mod = b["tokens"][:6, :21], b["modality"][:6, :21]
+    got = mode.hf_greedy(model, seq, mod, scheme, False, LO, 5)
+    full = seq
+    with torch.no_grad():
+        for _ in range(5):
+            route = torch.nn.functional.pad(mod, (0, full.shape[1] - 21))
+            full = torch.cat([full, model(full, route)[:, -1, :LO].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, full[:, 21:]) and bool((got < LO).all())
+
+
+def test_image_id_table_gives_the_same_losses_as_the_first_image_id():
+    S = streams()
+    b, z = S["reference_test"], torch.randn(32, 24, data.MODE_VOCAB)
+    table = torch.arange(data.MODE_VOCAB) >= LO
+    assert torch.equal(mode.lm_loss(z, b, LO), mode.lm_loss(z, b, table))
+    z2 = z + torch.randn_like(z)
+    assert torch.equal(mode.kd_loss(z2, z, b, LO, 2.0), mode.kd_loss(z2, z, b, table, 2.0))
+
+
+# ----------------------------------------------------------------------------- end to end, bad input
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+@pytest.mark.parametrize("method", ["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "model-tailor"])
+def test_every_method_end_to_end(tmp_path, cache, method):
+    res = mode.main(mode.Args(**RUN, method=method, pretrain_cache_dir=cache, out_dir=str(tmp_path / "o")))
+    assert res["backbone"] == "hf-tiny-random" and res["extra"]["base_weights_unchanged"] is True
+    assert (tmp_path / "o" / "results.json").exists() and len(res["matrices"]["acc"]) == 3
+
+
+def test_bfloat16_checkpointing_and_multi_answers_end_to_end(tmp_path, cache, monkeypatch):
+    seen, parallelize = [], mode.parallelize
+
+    def spy(model, args):
+        seen.append(model)
+        parallelize(model, args)
+
+    monkeypatch.setattr(mode, "parallelize", spy)
+    res = mode.main(mode.Args(**RUN, dtype="bfloat16", gradient_checkpointing=True, answers="multi",
+                              pretrain_cache_dir=cache, out_dir=str(tmp_path / "o"), save_model=True))
+    assert res["extra"]["base_weights_unchanged"] is True and "acc_exact" in res["matrices"]
+    dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
+    assert {d for n, d in dtypes.items() if not mode.is_expert(n)} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if mode.is_expert(n)} == {torch.float32}
+    assert seen[0].hf.model.gradient_checkpointing and mode.hf_dtype(mode.Args(), "cpu") == torch.float32
+    state = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["model"]
+    assert state and all(mode.is_expert(k) and v.dtype == torch.float32 for k, v in state.items())
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if ".B_" in k)  # the experts trained
+
+
+BAD = [(dict(method="dualprompt", dp_e_layers=(1,)), "--method"), (dict(hf_tiny_random=False), "--hf-model"),
+       (dict(hf_tiny_random=False, hf_model="/nonexistent/anole"), "--hf-model"),
+       (dict(gradient_checkpointing=True, method="cl-moe"), "--gradient-checkpointing"),
+       (dict(dist="ddp"), "--dist"), (dict(backbone="tiny"), "--hf-tiny-random")]
+
+
+@pytest.mark.parametrize("overrides,flag", BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD)])
+def test_bad_hf_arguments_exit_2_before_writing(tmp_path, capsys, overrides, flag):
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**(RUN | overrides), out_dir=str(tmp_path / "o"), pretrain_cache_dir=str(tmp_path / "c")))
+    assert e.value.code == 2 and f"error: {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_without_transformers_hf_exits_2_with_the_pip_command(tmp_path):
+    code = ("import sys; sys.modules['transformers'] = None; "
+            "import mode, tyro; mode.main(tyro.cli(mode.Args))")
+    p = subprocess.run([sys.executable, "-c", code, "--backbone", "hf", "--hf-tiny-random", "--out-dir",
+                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and 'pip install "transformers>=4.43"' in p.stderr and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun, gloo)
+WORKER = """
+import os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import torch, torch.distributed as dist, tyro
+import mode, test_mode_hf as t
+torch.set_num_threads(1)
+rank, kind = os.environ["RANK"], sys.argv[1]
+dist.init_process_group("gloo")
+g = t.step1_grads(kind)
+if rank == "0":
+    torch.save(g, "grads.pt")
+os.makedirs("rank" + rank)
+os.chdir("rank" + rank)
+mode.main(tyro.cli(mode.Args, args=sys.argv[2:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_args(cache: str):
+    return dict(RUN, num_tasks=1, conflict_every=0, pretrain_cache_dir=cache, save_model=True)
+
+
+def cli(kw: dict):
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [flag, str(v)]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kind):
+    single = tmp_path / "single"
+    mode.main(mode.Args(**dist_args(cache), out_dir=str(single)))
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "worker.py", kind] + cli(dist_args(cache) | {"dist": kind, "out_dir": "out"})
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = max_diff(torch.load(tmp_path / "grads.pt"), step1_grads())
+    w = max_diff(torch.load(tmp_path / "rank0" / "out" / "model_after_scienceqa.pt")["model"],
+                 torch.load(single / "model_after_scienceqa.pt")["model"])
+    print(f"{kind}: step-1 gradients max abs diff {g:.3g}, experts after 3 AdamW steps {w:.3g}")
+    assert g < 1e-6 and w < 1e-4  # decisions M1
+    assert (tmp_path / "rank0" / "out" / "results.json").exists() and not os.listdir(tmp_path / "rank1")
+
+
+# ----------------------------------------------------------------------------- local weights, --data-dir ids
+def test_local_weights_and_exported_world_run_and_a_wrong_vocabulary_exits_2(tmp_path, capsys):
+    args = mode.Args(**SMALL)
+    torch.manual_seed(0)
+    mode.tiny_chameleon(args, data.MODE_VOCAB, LO, data.MODE_SPECIAL).hf.save_pretrained(tmp_path / "w")
+    data.export_mode_world(str(tmp_path / "d"), 0, n_pretrain=16, n_train=32, n_test=16)
+    kw = dict(RUN, hf_tiny_random=False, hf_model=str(tmp_path / "w"), data_dir=str(tmp_path / "d"), num_tasks=1)
+    res = mode.main(mode.Args(**kw, out_dir=str(tmp_path / "o"), pretrain_cache_dir=str(tmp_path / "c")))
+    assert res["backbone"] == "hf-w" and res["extra"]["base_weights_unchanged"] is True
+    assert res["timing_s"]["pretrain"] == 0.0 and not (tmp_path / "c").exists()  # real weights: no pre-training
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("boi_id", "eoi_id")}  # no modality check: ids only
+    json.dump(meta | {"image_token_start": LO + 1, "image_token_ranges": [[LO + 1, data.MODE_VOCAB]]},
+              open(tmp_path / "d" / "meta.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**kw, out_dir=str(tmp_path / "o2")))
+    assert e.value.code == 2 and "error: --data-dir: meta.json image ids" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
