@@ -54,7 +54,7 @@ are the same formulas on R_open):
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
 --answers multi (built-in data): answers become `it is <value> <eos>` (counts as two digit tokens,
 the night answer `unanswerable <eos>`; 13 new text ids, the image codes move up), every answer token a target;
-rows then also hold acc_exact (and _official_routing): greedy decoding of at most 6 tokens after the question,
+rows then also hold acc_exact (and _official_routing): greedy decoding of --eval-max-new-tokens (8) after the question,
 image ids masked, generated tokens routed as text, correct when the decode up to and including the first <eos>
 equals the answer, as the paper scores VQA. Summary keys acc_exact, bwt_exact, forgetting_exact. acc_exact equals
 acc_open here by construction (a deterministic greedy decode reproduces every teacher-forced argmax up to the
@@ -228,6 +228,8 @@ class Args:
     """--backbone hf: recompute each decoder layer in backward (non-reentrant) to save activation memory"""
     dist: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     """--backbone hf under torchrun: data parallel (auto = ddp when WORLD_SIZE > 1); nccl on CUDA, gloo on CPU"""
+    eval_max_new_tokens: int = 8
+    """--answers multi: greedy decoding budget of the exact-match scoring (both backbones; hf: with a KV cache)"""
 
     # Algorithm specific arguments
     method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
@@ -312,14 +314,14 @@ BASELINES = ("cl-moe", "dualprompt", "model-tailor")
 TAILOR_BLOCK = 128  # columns per block of Model Tailor's mask and lazy compensation (sparsegpt.py blocksize)
 MULTI_WORDS = ("it", "is", *map(str, range(10)), "<eos>")  # --answers multi: text ids after data.MODE_TEXT
 QUESTION_LEN = 21  # built-in VQA: <bos> <boi> 16 codes <eoi> <sep> <q:task>, then the answer
-MAX_NEW_TOKENS = 6  # --answers multi: greedy decoding budget (the longest answer, `it is 1 0 <eos>`, has 5)
+MAX_NEW_TOKENS = 8  # default greedy decoding budget (--eval-max-new-tokens; the longest answer has 5 tokens)
 VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
                   "steps_per_task", "batch_size", "lr", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
                   "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
                   "conflict_batch_size", "clmoe_momentum", "clmoe_top", "dp_g_layers", "dp_e_layers", "dp_g_length",
                   "dp_e_length", "dp_lr", "dp_max_grad_norm", "dp_pull", "tailor_keep", "tailor_samples",
-                  "tailor_damp", "tailor_score", "answers")
+                  "tailor_damp", "tailor_score", "answers", "eval_max_new_tokens")
 ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
 MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing", "acc_exact",
             "acc_exact_official_routing")  # the last two with --answers multi only
@@ -918,7 +920,8 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
     return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
 
 
-def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None) -> dict:
+def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None,
+             max_new: int = MAX_NEW_TOKENS) -> dict:
     """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary),
     greedy exact match when eos is given (--answers multi), and the generation metrics."""
     model.eval()
@@ -929,7 +932,7 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
         row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
         if eos is not None:
             row["acc_exact" + suffix] = [exact_match(model, streams[f"{t}_test"], scheme, image_lo, official, eos,
-                                                     where=f"{where} {t}") for t in tasks]
+                                                     where=f"{where} {t}", n=max_new) for t in tasks]
     if model.prompts is not None:
         row["dp_selection_acc"] = [dp_selection_acc(model, streams[f"{t}_test"], j) for j, t in enumerate(tasks)]
     row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
@@ -939,30 +942,31 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
 
 
 @torch.no_grad()
-def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where=""):
-    """MAX_NEW_TOKENS greedy tokens after the first q tokens; image ids masked (the official inference-text mask),
-    generated tokens routed as text; DualPrompt's prefix selected once from the question."""
+def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where="",
+                  n: int = MAX_NEW_TOKENS):
+    """n greedy tokens after the first q tokens; image ids masked (the official inference-text mask), generated
+    tokens routed as text; DualPrompt's prefix selected once from the question."""
     seq, mod = b["tokens"][:, :q], b["modality"][:, :q]
     if isinstance(model, HFLM):
-        return hf_greedy(model, seq, mod, scheme, official, image_lo, MAX_NEW_TOKENS, where)
+        return hf_greedy(model, seq, mod, scheme, official, image_lo, n, where)
     prompt = prompt_for(model, seq, torch.full((len(seq),), q - 1, device=seq.device))
-    for _ in range(MAX_NEW_TOKENS):
+    for _ in range(n):
         logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), prompt)[:, -1, :image_lo]
         common.require_finite(logits, "exact match logits", where)
         seq, mod = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1), F.pad(mod, (0, 1))
     return seq[:, q:]
 
 
-def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="") -> float:
-    """Percent of sequences whose greedy decode up to and including the first <eos> equals the answer (which ends
-    with its only <eos>; a right value without <eos> in MAX_NEW_TOKENS tokens is wrong)."""
+def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="", n=MAX_NEW_TOKENS) -> float:
+    """Percent of sequences whose greedy decode of n tokens, up to and including the first <eos>, equals the answer
+    (which ends with its only <eos>; a right value without <eos> in n tokens is wrong)."""
     hits = []
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         q = int(query_pos(b)[0]) + 1
-        gen = greedy_decode(model, b, scheme, image_lo, official, q, where)
-        target, mask = b["tokens"][:, q:q + MAX_NEW_TOKENS], b["loss_mask"][:, q:q + MAX_NEW_TOKENS].bool()
+        target, mask = b["tokens"][:, q:], b["loss_mask"][:, q:].bool()
         assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
+        gen = F.pad(greedy_decode(model, b, scheme, image_lo, official, q, where, n), (0, target.shape[1]), value=-1)
         hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
     return 100.0 * float(torch.cat(hits).float().mean())
 
@@ -1534,7 +1538,7 @@ def validate(args: Args) -> None:
     """Every hyperparameter check, before anything is written: exit 2 with 'error: --flag: problem'."""
     for f in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "conflict_batch_size",
               "lora_rank", "num_experts", "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads",
-              "d_ff", "max_len", "log_every"):
+              "d_ff", "max_len", "log_every", "eval_max_new_tokens"):
         common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
     for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads"):
         common.require(getattr(args, f) >= 0, f, f"must be >= 0 (got {getattr(args, f)})")
@@ -1546,8 +1550,10 @@ def validate(args: Args) -> None:
     validate_hf(args)
     common.require(args.answers == "single" or args.data_dir is None, "answers",
                    "multi needs the built-in data (its answers are rewritten as `it is <value> <eos>`)")
-    common.require(args.answers == "single" or args.max_len >= QUESTION_LEN + 5, "max_len",
-                   f"must be >= {QUESTION_LEN + 5} with --answers multi (got {args.max_len})")
+    need = QUESTION_LEN + max(5, args.eval_max_new_tokens - 1)  # the answers; the decoded positions
+    common.require(args.answers == "single" or args.max_len >= need, "max_len",
+                   f"must be >= {need} with --answers multi and --eval-max-new-tokens "
+                   f"{args.eval_max_new_tokens} (got {args.max_len})")
     common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
                    f"must be >= 24 for the built-in data (its sequences have 24 tokens; got {args.max_len})")
 
@@ -1599,7 +1605,7 @@ def main(args: Args) -> dict:
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
         rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
-                                                     "row 0", eos)], [], [], 0
+                                                     "row 0", eos, args.eval_max_new_tokens)], [], [], 0
         state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
@@ -1617,7 +1623,8 @@ def main(args: Args) -> dict:
             after_task(model, args, streams, k, task, gens, state, snapshots)
         snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
-            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos))
+            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos,
+                                 args.eval_max_new_tokens))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}

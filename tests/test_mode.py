@@ -467,7 +467,8 @@ BAD_ARGS = [
     (dict(moe_split_rank=True, lora_rank=6), "--moe-split-rank"), (dict(clmoe_momentum=1.5), "--clmoe-momentum"),
     (dict(method="dualprompt", dp_e_layers=(1, 4)), "--dp-e-layers"), (dict(dp_lr=0.0), "--dp-lr"),
     (dict(tailor_keep=-0.1), "--tailor-keep"), (dict(tailor_samples=0), "--tailor-samples"),
-    (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
+    (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", eval_max_new_tokens=13), "--max-len"),
+    (dict(eval_max_new_tokens=0), "--eval-max-new-tokens"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
 ]
 
 
@@ -860,6 +861,7 @@ def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
     assert score(it_is_red + [EOS]) == 100.0
     assert score(it_is_red + [it_is_red[-1]]) == 0.0  # the right value, no <eos> within the budget
     assert score(it_is_red[:2] + [EOS]) == 0.0
+    assert mode.exact_match(Scripted(it_is_red + [EOS]), b, scheme, MULTI_LO, False, EOS, n=3) == 0.0  # budget
     gen = mode.greedy_decode(Scripted(it_is_red + [EOS]), b, scheme, MULTI_LO, False, 21)
     assert gen.shape == (1, mode.MAX_NEW_TOKENS) and (gen < MULTI_LO).all()  # the image id scored 5 is masked
 

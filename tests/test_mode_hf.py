@@ -288,3 +288,26 @@ def test_local_weights_and_exported_world_run_and_a_wrong_vocabulary_exits_2(tmp
         mode.main(mode.Args(**kw, out_dir=str(tmp_path / "o2")))
     assert e.value.code == 2 and "error: --data-dir: meta.json image ids" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cache, monkeypatch):
+    class Crash(Exception):
+        pass
+
+    original, strip = mode.common.save_checkpoint, ("timing_s", "run_name", "args", "env")
+
+    def crash_after_saving(*a, **kw):
+        original(*a, **kw)
+        raise Crash
+
+    kw = dict(RUN, conflict_every=2, pretrain_cache_dir=cache)
+    ref = mode.main(mode.Args(**kw, out_dir=str(tmp_path / "ref")))
+    run = str(tmp_path / "killed")
+    monkeypatch.setattr(mode.common, "save_checkpoint", crash_after_saving)
+    with pytest.raises(Crash):
+        mode.main(mode.Args(**kw, out_dir=run))
+    monkeypatch.setattr(mode.common, "save_checkpoint", original)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["model"]
+    assert state and all(mode.is_expert(k) for k in state)  # the hf checkpoint holds the experts only
+    got = mode.main(mode.Args(**kw, out_dir=run, resume=run))
+    assert {k: v for k, v in got.items() if k not in strip} == {k: v for k, v in ref.items() if k not in strip}
