@@ -30,6 +30,9 @@ Usage:
     python mode.py --no-kd                  # ablations: --no-kd, --no-text-moe, --no-visual-adapter (= tmoe-only)
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
     python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
+    python mode.py --backbone hf --hf-tiny-random                     # transformers' Chameleon, random, tiny
+    python mode.py --backbone hf --hf-model /models/Anole-7b-v0.1-hf --data-dir my_tasks/ --dtype bfloat16
+    torchrun --nproc_per_node 8 mode.py --backbone hf --hf-model ... --data-dir ... --dist ddp   # or fsdp
 
 Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent;
 R is closed-set: the argmax is taken over task j's answer vocabulary = the target ids of its train split,
@@ -76,7 +79,21 @@ with exit code 1 and writes no results.json; bad arguments or data exit 2 before
 image codes) and one .npz per stream: pretrain, reference_train, reference_test, <task>_train,
 <task>_test, each with int arrays tokens [N, L] (L <= --max-len, trailing pad allowed), modality [N, L]
 (1 = image span token, routed to the V-Adapter) and loss_mask [N, L] (1 = target token). gen_match and
-gen_drop need the built-in image oracle and are None there; gen_nll is still reported.
+gen_drop need the built-in image oracle and are None there; gen_nll is still reported. meta.json may instead
+give "image_token_ranges": [[lo, hi), ...] (Anole: [[4, 8196]]) and "boi_id", "eoi_id", "eos_id", "pad_id";
+with boi_id and eoi_id every modality array must equal the one derived from the ids (image ids, <boi>, <eoi>).
+data.export_mode_world(DIR) writes the built-in world in this format.
+
+--backbone hf (pip install "transformers>=4.43"): transformers' own ChameleonForConditionalGeneration, from
+--hf-model DIR (local files only; meta.json must match its vocabulary) or --hf-tiny-random (sized by --d-model
+etc., pre-trained like the tiny model). The same ExpertLinear wraps every decoder layer's mlp.gate/up/down_proj
+and reads the route from a shared holder; logits = lm_head(hidden states) (the upstream forward sets image ids
+to the dtype minimum); each routed pass runs forward and backward before the route changes (with gradient
+checkpointing the backward recomputes the MLPs under the route set then). Base in --dtype, experts in float32;
+greedy decoding with a KV cache. Under torchrun (--dist ddp|fsdp, gloo or nccl) every rank draws the same global
+batch and takes its rows, losses are divided by the global target count, every rank evaluates every row, rank 0
+alone writes; checkpoints hold the experts only. dualprompt stays on the tiny backbone (prefix attention);
+cl-moe and model-tailor run on one process.
 
 Deviations from the paper:
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
