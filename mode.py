@@ -91,9 +91,9 @@ and reads the route from a shared holder; logits = lm_head(hidden states) (the u
 to the dtype minimum); each routed pass runs forward and backward before the route changes (with gradient
 checkpointing the backward recomputes the MLPs under the route set then). Base in --dtype, experts in float32;
 greedy decoding with a KV cache. Under torchrun (--dist ddp|fsdp, gloo or nccl) every rank draws the same global
-batch and takes its rows, losses are divided by the global target count, every rank evaluates every row, rank 0
-alone writes; checkpoints hold the experts only. dualprompt stays on the tiny backbone (prefix attention);
-cl-moe and model-tailor run on one process.
+batch and takes its rows, losses are divided by the global target count; DDP ranks split the evaluation rows
+and reduce the means (FSDP2: every rank evaluates every row); rank 0 alone writes; checkpoints hold the experts.
+dualprompt stays on the tiny backbone (prefix attention); cl-moe and model-tailor run on one process.
 
 Deviations from the paper:
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
@@ -895,7 +895,7 @@ def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, 
     modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not.
     official=True routes every token to the text experts (E2); restore: see `restoring`. Non-finite logits raise
     ValueError."""
-    closed, open_ = [], []
+    closed, open_, stream = [], [], eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         with restoring(model, restore, b["modality"]):
@@ -905,25 +905,27 @@ def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, 
         logits = restrict_logits(raw, targets, image_lo)
         open_.append(((logits.argmax(-1) == targets) | ~mask).all(1))
         closed.append(((logits.masked_fill(~allowed, float("-inf")).argmax(-1) == targets) | ~mask).all(1))
-    return tuple(100.0 * float(torch.cat(c).float().mean()) for c in (closed, open_))
+    return tuple(rank_mean(100.0 * float(torch.cat(c).float().mean()), len(stream["tokens"])) for c in (closed, open_))
 
 
 @torch.no_grad()
 def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> float:
     """Teacher-forced NLL (nats per image code) of the reference images; non-finite logits raise ValueError."""
-    tot, n = 0.0, 0
+    tot, n, stream = 0.0, 0, eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         logits = run(model, b, route_for(b, scheme, "gen"))
         common.require_finite(logits, "gen_nll logits", where)
         k = int(b["loss_mask"][:, 1:].sum())
         tot, n = tot + float(lm_loss(logits, b, image_lo)) * k, n + k
-    return tot / n
+    return rank_mean(tot / n, n)
 
 
 @torch.no_grad()
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
     """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle."""
+    mine = eval_rows({"prompts": prompts, "colour": attrs[0], "shape": attrs[1], "gumbel": gumbel}, model)
+    prompts, attrs, gumbel = mine["prompts"], (mine["colour"], mine["shape"]), mine["gumbel"]
     seq = prompts.clone()
     last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
     sel = prompt_for(model, prompts, last)  # DualPrompt: selected once, from the input
@@ -934,7 +936,7 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
     codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_IMAGE_LO  # --answers multi shifts the image ids
     ok, col, shp = data.mode_read_image(codes.cpu().numpy())
-    return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
+    return rank_mean(float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1]))), len(prompts))
 
 
 def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None,
@@ -977,7 +979,7 @@ def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, offi
 def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="", n=MAX_NEW_TOKENS) -> float:
     """Percent of sequences whose greedy decode of n tokens, up to and including the first <eos>, equals the answer
     (which ends with its only <eos>; a right value without <eos> in n tokens is wrong)."""
-    hits = []
+    hits, stream = [], eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         q = int(query_pos(b)[0]) + 1
@@ -985,7 +987,7 @@ def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where
         assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
         gen = F.pad(greedy_decode(model, b, scheme, image_lo, official, q, where, n), (0, target.shape[1]), value=-1)
         hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
-    return 100.0 * float(torch.cat(hits).float().mean())
+    return rank_mean(100.0 * float(torch.cat(hits).float().mean()), len(stream["tokens"]))
 
 
 def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
@@ -1227,9 +1229,30 @@ def all_ranks(flag: bool) -> bool:
     """flag on every rank (FSDP2: each rank checks its own shard)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(reduced([float(flag)], dist.ReduceOp.MIN)[0])
+
+
+def eval_rows(rows: Dict[str, object], model) -> Dict[str, object]:
+    """DDP: this rank's rows r::W of an evaluation batch (every value has N rows). FSDP2 needs every rank in every
+    forward, so there (and with fewer than W rows) each rank takes all rows."""
+    d, n = getattr(model, "dist", None), len(next(iter(rows.values())))
+    if d is None or d.kind != "ddp" or n < d.world:
+        return rows
+    return {k: v[d.rank::d.world] for k, v in rows.items()}
+
+
+def rank_mean(value: float, weight: float) -> float:
+    """The mean of per-rank means weighted by the rows (or targets) each rank scored; one process: value."""
+    if not dist.is_initialized():
+        return value
+    total, n = reduced([value * weight, weight], dist.ReduceOp.SUM)
+    return total / n
+
+
+def reduced(values: List[float], op) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def validate_hf(args: Args) -> None:

@@ -152,6 +152,16 @@ def test_cached_greedy_decoding_equals_recomputing_the_sequence():
     assert torch.equal(got, full[:, 21:]) and bool((got < LO).all())
 
 
+def test_ddp_evaluation_takes_every_rank_s_own_rows_and_fsdp_all_rows():
+    model, _, _, _ = hf_model()
+    rows = {"tokens": torch.arange(10), "colour": torch.arange(10) * 2}
+    model.dist = mode.Dist("ddp", 1, 4, None)
+    assert mode.eval_rows(rows, model)["colour"].tolist() == [2, 10, 18]
+    assert mode.eval_rows({"tokens": torch.arange(3)}, model)["tokens"].tolist() == [0, 1, 2]  # fewer than W rows
+    model.dist = mode.Dist("fsdp", 1, 4, None)
+    assert mode.eval_rows(rows, model) is rows and mode.rank_mean(0.25, 3) == 0.25  # one process: as it is
+
+
 def test_image_id_table_gives_the_same_losses_as_the_first_image_id():
     S = streams()
     b, z = S["reference_test"], torch.randn(32, 24, data.MODE_VOCAB)
@@ -267,6 +277,9 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kin
                  torch.load(single / "model_after_scienceqa.pt")["model"])
     print(f"{kind}: step-1 gradients max abs diff {g:.3g}, experts after 3 AdamW steps {w:.3g}")
     assert g < 1e-6 and w < 1e-4  # decisions M1
+    one, two = (json.loads((d / "results.json").read_text()) for d in (single, tmp_path / "rank0" / "out"))
+    assert two["matrices"] == one["matrices"]  # ddp: each rank scores its rows, then the means are reduced
+    assert max(abs(a - b) for a, b in zip(two["extra"]["gen_nll"], one["extra"]["gen_nll"])) < 1e-4
     assert (tmp_path / "rank0" / "out" / "results.json").exists() and not os.listdir(tmp_path / "rank1")
 
 
