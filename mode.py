@@ -1324,7 +1324,6 @@ def validate_dist(args: Args) -> None:
             common.die(f"--dist: fsdp needs torch.distributed.fsdp.fully_shard (torch {torch.__version__} lacks it)")
 
 
-
 # ----------------------------------------------------------------------------- pre-training
 def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Generator, loggers: dict) -> None:
     """Full-parameter pre-training on captioning (image -> text) + text-to-image: the 'UMGM' before CL."""

@@ -1,6 +1,7 @@
 """Behavioural tests for mode.py (MoDE): routing, frozen base, identity init, KD, overfitting, both evaluation
 routings, non-finite metrics, end to end, results envelope, resume after SIGKILL, divergence, validation."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -55,6 +56,26 @@ def test_routing_text_and_image_tokens_reach_only_their_experts():
         model(tokens, torch.full_like(tokens, route_value)).square().mean().backward()
         assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in zero_side)
         assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in live_side)
+
+
+def test_one_expert_class_for_both_backbones_route_from_a_holder_and_a_bfloat16_base():
+    torch.manual_seed(0)
+    a = mode.ExpertLinear(8, 6)
+    a.add_experts(4, 8.0, 0.0, 2, True)
+    with torch.no_grad():
+        a.B_t.normal_(0, 0.1), a.B_v.normal_(0, 0.1)
+    x, route = torch.randn(3, 5, 8), torch.randint(0, 2, (3, 5))
+    b = copy.deepcopy(a)
+    b.holder = mode.Route()  # the hf backbone: transformers' MLP passes only x
+    b.holder.value = route
+    assert torch.equal(b(x), a(x, route)) and not torch.equal(a(x, route), a.base(x))
+    b.holder.value = None  # the teacher: the holder wins over a route argument
+    assert torch.equal(b(x, route), a.base(x))
+    c = copy.deepcopy(a)
+    c.base.to(torch.bfloat16)  # experts stay float32 and compute in float32
+    xb = x.bfloat16()
+    delta = a(xb.float(), route) - a.base(xb.float())
+    assert c.A_t.dtype == torch.float32 and torch.equal(c(xb, route), c.base(xb) + delta.bfloat16())
 
 
 def test_generation_gradient_never_reaches_the_text_experts_but_does_for_coupled_lora():

@@ -219,11 +219,12 @@ def test_bad_hf_arguments_exit_2_before_writing(tmp_path, capsys, overrides, fla
 
 
 def test_without_transformers_hf_exits_2_with_the_pip_command(tmp_path):
-    code = ("import sys; sys.modules['transformers'] = None; "
-            "import mode, tyro; mode.main(tyro.cli(mode.Args))")
+    code = ("import sys; sys.modules['transformers'] = None; import mode, tyro; "
+            "mode.validate(mode.Args()); print('tiny ok'); mode.main(tyro.cli(mode.Args))")
     p = subprocess.run([sys.executable, "-c", code, "--backbone", "hf", "--hf-tiny-random", "--out-dir",
                         str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and 'pip install "transformers>=4.43"' in p.stderr and not (tmp_path / "o").exists()
+    assert "tiny ok" in p.stdout  # the tiny backbone never imports transformers
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun, gloo)
