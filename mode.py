@@ -1076,8 +1076,9 @@ def chameleon_vocabulary(image_ids: List[int], vocab: int, boi: int, eoi: int) -
     """Token names in Chameleon's convention: image code k is IMGIMG<digits of k as letters A-J>Z, BOI is
     <racm3:break>, EOI <eoss>; transformers derives the image ids from these names."""
     names = {"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(k)) + "Z": i for k, i in enumerate(image_ids)}
-    taken = set(image_ids) | {boi, eoi}
-    return names | {f"<text{i}>": i for i in range(vocab) if i not in taken} | {"<racm3:break>": boi, "<eoss>": eoi}
+    special = {n: i for n, i in (("<racm3:break>", boi), ("<eoss>", eoi)) if i is not None}
+    taken = set(image_ids) | set(special.values())
+    return names | {f"<text{i}>": i for i in range(vocab) if i not in taken} | special
 
 
 def tiny_chameleon(args: Args, vocab: int, image_lo, special: Dict[str, int]) -> "HFLM":
