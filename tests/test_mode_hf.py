@@ -264,13 +264,14 @@ def cli(kw: dict):
     return out
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kind):
+@pytest.mark.parametrize("kind,extra", [("ddp", {}), ("fsdp", dict(dtype="bfloat16", gradient_checkpointing=True))],
+                         ids=["ddp", "fsdp-bf16-checkpointing"])
+def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kind, extra):
     single = tmp_path / "single"
-    mode.main(mode.Args(**dist_args(cache), out_dir=str(single)))
+    mode.main(mode.Args(**dist_args(cache), **extra, out_dir=str(single)))
     (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "worker.py", kind] + cli(dist_args(cache) | {"dist": kind, "out_dir": "out"})
+           "worker.py", kind] + cli(dist_args(cache) | extra | {"dist": kind, "out_dir": "out"})
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
