@@ -219,6 +219,19 @@ def test_bad_hf_arguments_exit_2_before_writing(tmp_path, capsys, overrides, fla
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 
 
+def test_fsdp_without_the_public_fully_shard_exits_2_with_the_reason(tmp_path, capsys, monkeypatch):
+    import torch.distributed.fsdp as fsdp  # torch < 2.6 has it under torch.distributed._composable only
+
+    assert transformers.ChameleonForConditionalGeneration  # its lazy import needs fully_shard: done before
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delattr(fsdp, "fully_shard")
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**RUN, dist="fsdp", conflict_every=0, out_dir=str(tmp_path / "o")))
+    assert e.value.code == 2 and "error: --dist: fsdp needs torch.distributed.fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_without_transformers_hf_exits_2_with_the_pip_command(tmp_path):
     code = ("import sys; sys.modules['transformers'] = None; import mode, tyro; "
             "mode.validate(mode.Args()); print('tiny ok'); mode.main(tyro.cli(mode.Args))")
