@@ -186,15 +186,22 @@ def test_every_method_end_to_end(tmp_path, cache, method):
 
 
 def test_bfloat16_checkpointing_and_multi_answers_end_to_end(tmp_path, cache, monkeypatch):
-    seen, parallelize = [], mode.parallelize
+    seen, budgets, parallelize, hf_greedy = [], set(), mode.parallelize, mode.hf_greedy
 
     def spy(model, args):
         seen.append(model)
         parallelize(model, args)
 
+    def greedy_spy(*a):
+        budgets.add(a[6])
+        return hf_greedy(*a)
+
     monkeypatch.setattr(mode, "parallelize", spy)
+    monkeypatch.setattr(mode, "hf_greedy", greedy_spy)
     res = mode.main(mode.Args(**RUN, dtype="bfloat16", gradient_checkpointing=True, answers="multi",
-                              pretrain_cache_dir=cache, out_dir=str(tmp_path / "o"), save_model=True))
+                              eval_max_new_tokens=5, pretrain_cache_dir=cache, out_dir=str(tmp_path / "o"),
+                              save_model=True))
+    assert budgets == {5}  # --eval-max-new-tokens reaches the cached greedy decoding
     assert res["extra"]["base_weights_unchanged"] is True and "acc_exact" in res["matrices"]
     dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
     assert {d for n, d in dtypes.items() if not mode.is_expert(n)} == {torch.bfloat16}
