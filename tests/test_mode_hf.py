@@ -291,7 +291,7 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kin
     mode.main(mode.Args(**dist_args(cache), **extra, out_dir=str(single)))
     (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "worker.py", kind] + cli(dist_args(cache) | extra | {"dist": kind, "out_dir": "out"})
+           "worker.py", kind] + cli(dist_args("cache") | extra | {"dist": kind, "out_dir": "out"})  # pre-trains
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -303,7 +303,8 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kin
     one, two = (json.loads((d / "results.json").read_text()) for d in (single, tmp_path / "rank0" / "out"))
     assert two["matrices"] == one["matrices"]  # ddp: each rank scores its rows, then the means are reduced
     assert max(abs(a - b) for a, b in zip(two["extra"]["gen_nll"], one["extra"]["gen_nll"])) < 1e-4
-    assert (tmp_path / "rank0" / "out" / "results.json").exists() and not os.listdir(tmp_path / "rank1")
+    assert (tmp_path / "rank0" / "out" / "results.json").exists() and os.listdir(tmp_path / "rank0" / "cache")
+    assert not os.listdir(tmp_path / "rank1")  # no run dir, no pre-training cache
 
 
 # ----------------------------------------------------------------------------- local weights, --data-dir ids
