@@ -90,9 +90,10 @@ etc., pre-trained like the tiny model). The same ExpertLinear wraps every decode
 and reads the route from a shared holder; logits = lm_head(hidden states) (the upstream forward sets image ids
 to the dtype minimum); each routed pass runs forward and backward before the route changes (with gradient
 checkpointing the backward recomputes the MLPs under the route set then). Base in --dtype, experts in float32;
-greedy decoding with a KV cache. Under torchrun (--dist ddp|fsdp, gloo or nccl) every rank draws the same global
-batch and takes its rows, losses are divided by the global target count; DDP ranks split the evaluation rows
-and reduce the means (FSDP2: every rank evaluates every row); rank 0 alone writes; checkpoints hold the experts.
+greedy decoding and image sampling with a KV cache. Under torchrun (--dist ddp|fsdp, gloo or nccl) every rank
+draws the same global batch and takes its rows, losses are divided by the global target count; DDP ranks split
+the evaluation rows and reduce the means (FSDP2: every rank evaluates every row); rank 0 alone writes;
+checkpoints hold the experts.
 dualprompt stays on the tiny backbone (prefix attention); cl-moe and model-tailor run on one process.
 
 Deviations from the paper:
@@ -921,6 +922,20 @@ def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> floa
     return rank_mean(tot / n, n)
 
 
+def kv_cache(model):
+    """A KV cache for decoding with the hf backbone (transformers' DynamicCache); the tiny model recomputes."""
+    return hf_module().DynamicCache() if isinstance(model, HFLM) else None
+
+
+def next_logits(model, seq: torch.Tensor, route: torch.Tensor, prompt=None, cache=None) -> torch.Tensor:
+    """Logits [B, V] of the token after seq; with a KV cache only the tokens it has not seen are fed (each keeps
+    the route it was encoded with)."""
+    if cache is None:
+        return model(seq, route, prompt)[:, -1]
+    seen = cache.get_seq_length()
+    return model(seq[:, seen:], route[:, seen:], None, cache)[:, -1]
+
+
 @torch.no_grad()
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
     """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle."""
@@ -928,10 +943,10 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
     prompts, attrs, gumbel = mine["prompts"], (mine["colour"], mine["shape"]), mine["gumbel"]
     seq = prompts.clone()
     last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
-    sel = prompt_for(model, prompts, last)  # DualPrompt: selected once, from the input
+    sel, cache = prompt_for(model, prompts, last), kv_cache(model)  # DualPrompt: selected once, from the input
     for i in range(gumbel.shape[1]):
         route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
-        logits = model(seq, route, sel)[:, -1, image_lo:]
+        logits = next_logits(model, seq, route, sel, cache)[:, image_lo:]
         common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
     codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_IMAGE_LO  # --answers multi shifts the image ids
@@ -964,15 +979,15 @@ def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where=
 def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where="",
                   n: int = MAX_NEW_TOKENS):
     """n greedy tokens after the first q tokens; image ids masked (the official inference-text mask), generated
-    tokens routed as text; DualPrompt's prefix selected once from the question."""
-    seq, mod = b["tokens"][:, :q], b["modality"][:, :q]
-    if isinstance(model, HFLM):
-        return hf_greedy(model, seq, mod, scheme, official, image_lo, n, where)
+    tokens routed as text; DualPrompt's prefix selected once from the question; hf: with a KV cache."""
+    seq, mod, cache = b["tokens"][:, :q], b["modality"][:, :q], kv_cache(model)
     prompt = prompt_for(model, seq, torch.full((len(seq),), q - 1, device=seq.device))
     for _ in range(n):
-        logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), prompt)[:, -1, :image_lo]
-        common.require_finite(logits, "exact match logits", where)
-        seq, mod = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1), F.pad(mod, (0, 1))
+        logits = next_logits(model, seq, route_for({"modality": mod}, scheme, "eval", official), prompt, cache)
+        is_img = is_image_id(torch.arange(logits.shape[-1], device=seq.device), image_lo)
+        common.require_finite(logits[:, ~is_img], "exact match logits", where)
+        nxt = logits.masked_fill(is_img, float("-inf")).argmax(-1, keepdim=True)
+        seq, mod = torch.cat([seq, nxt], 1), F.pad(mod, (0, 1))
     return seq[:, q:]
 
 
@@ -1200,22 +1215,6 @@ def hf_step(model: "HFLM", task_batch, ref_batch, scheme, args: Args, image_lo, 
     model.holder.value = None
     ce, kd = ce.detach(), kd.detach()
     return ce + args.kd_lambda * kd, ce, kd
-
-
-@torch.no_grad()
-def hf_greedy(model: "HFLM", seq, mod, scheme, official: bool, image_lo, n: int, where="") -> torch.Tensor:
-    """n greedy tokens with a KV cache: the question encoded once under its routing, then one token per step
-    routed as text; image ids masked."""
-    cache = hf_module().DynamicCache()
-    logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), None, cache)[:, -1]
-    is_img, out = is_image_id(torch.arange(logits.shape[-1], device=seq.device), image_lo), []
-    for i in range(n):
-        common.require_finite(logits, "exact match logits", where)
-        out.append(logits.float().masked_fill(is_img, float("-inf")).argmax(-1, keepdim=True))
-        if i + 1 < n:
-            logits = model(out[-1], route_for({"modality": torch.zeros_like(out[-1])}, scheme, "eval", official),
-                           None, cache)[:, -1]
-    return torch.cat(out, 1)
 
 
 def model_state(model) -> dict:

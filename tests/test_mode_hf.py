@@ -142,15 +142,43 @@ def test_gradient_checkpointing_keeps_the_route_fixed_per_pass():
 def test_cached_greedy_decoding_equals_recomputing_the_sequence():
     model, _, _, scheme = hf_model(perturb=0.1)
     model.eval()
-    b = streams()["gqa_test"]
-    seq, mod = b["tokens"][:6, :21], b["modality"][:6, :21]
-    got = mode.hf_greedy(model, seq, mod, scheme, False, LO, 5)
-    full = seq
+    b = {k: v[:6] for k, v in streams()["gqa_test"].items()}
+    full, mod = b["tokens"][:, :21], b["modality"][:, :21]
+    got = mode.greedy_decode(model, b, scheme, LO, False, 21, n=5)
+    assert mode.kv_cache(model) is not None
     with torch.no_grad():
         for _ in range(5):
             route = torch.nn.functional.pad(mod, (0, full.shape[1] - 21))
             full = torch.cat([full, model(full, route)[:, -1, :LO].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, full[:, 21:]) and bool((got < LO).all())
+
+
+class Uncached(torch.nn.Module):
+    """The same model without the HFLM type: decoding recomputes the whole sequence each step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m, self.prompts = model, None
+
+    def forward(self, *a):
+        return self.m(*a)
+
+
+def test_cached_image_sampling_draws_the_same_codes(monkeypatch):
+    model, _, _, scheme = hf_model(perturb=0.1)
+    model.eval()
+    ref = streams()["reference_test"]
+    probe = (ref["tokens"][:8, :5], (np.zeros(8), np.zeros(8)), -torch.log(-torch.log(torch.rand(8, 16, 12))))
+    codes, read = [], data.mode_read_image
+
+    def spy(c):
+        codes.append(c)
+        return read(c)
+
+    monkeypatch.setattr(data, "mode_read_image", spy)
+    for m in (model, Uncached(model)):
+        mode.generation_match(m, *probe, scheme, LO)
+    assert np.array_equal(codes[0], codes[1]) and len(set(codes[0].flatten())) > 1
 
 
 def test_ddp_evaluation_takes_every_rank_s_own_rows_and_fsdp_all_rows():
@@ -186,22 +214,23 @@ def test_every_method_end_to_end(tmp_path, cache, method):
 
 
 def test_bfloat16_checkpointing_and_multi_answers_end_to_end(tmp_path, cache, monkeypatch):
-    seen, budgets, parallelize, hf_greedy = [], set(), mode.parallelize, mode.hf_greedy
+    seen, budgets, parallelize, next_logits = [], [], mode.parallelize, mode.next_logits
 
     def spy(model, args):
         seen.append(model)
         parallelize(model, args)
 
-    def greedy_spy(*a):
-        budgets.add(a[6])
-        return hf_greedy(*a)
+    def cache_spy(model, seq, route, prompt=None, cache=None):
+        budgets.append((seq.shape[1], cache.get_seq_length()))
+        return next_logits(model, seq, route, prompt, cache)
 
     monkeypatch.setattr(mode, "parallelize", spy)
-    monkeypatch.setattr(mode, "hf_greedy", greedy_spy)
+    monkeypatch.setattr(mode, "next_logits", cache_spy)
     res = mode.main(mode.Args(**RUN, dtype="bfloat16", gradient_checkpointing=True, answers="multi",
                               eval_max_new_tokens=5, pretrain_cache_dir=cache, out_dir=str(tmp_path / "o"),
                               save_model=True))
-    assert budgets == {5}  # --eval-max-new-tokens reaches the cached greedy decoding
+    assert max(n for n, _ in budgets) == 21 + 4  # --eval-max-new-tokens 5: the question, then 4 tokens fed back
+    assert all(seen in (0, n - 1) for n, seen in budgets) and any(seen for _, seen in budgets)  # one new token a step
     assert res["extra"]["base_weights_unchanged"] is True and "acc_exact" in res["matrices"]
     dtypes = {n: p.dtype for n, p in seen[0].named_parameters()}
     assert {d for n, d in dtypes.items() if not mode.is_expert(n)} == {torch.bfloat16}
