@@ -460,7 +460,8 @@ MODE_VOCAB = MODE_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
 MODE_STREAMS = (["pretrain", "reference_train", "reference_test"]
                 + [f"{t}_{s}" for t in MODE_TASKS for s in ("train", "test")])
 _MODE_ID = {w: i for i, w in enumerate(MODE_TEXT)}
-MODE_SPECIAL = {"boi_id": _MODE_ID["<boi>"], "eoi_id": _MODE_ID["<eoi>"], "pad_id": _MODE_ID["<pad>"], "eos_id": None}
+MODE_SPECIAL = {"boi_id": _MODE_ID["<boi>"], "eoi_id": _MODE_ID["<eoi>"], "pad_id": _MODE_ID["<pad>"],
+                "eos_id": None}  # the --data-dir meta.json keys of the special ids
 
 
 def mode_shape_masks() -> np.ndarray:
@@ -585,8 +586,10 @@ def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
     streams = {}
     for name in (["pretrain", "reference_train", "reference_test"]
                  + [f"{t}_{s}" for t in tasks for s in ("train", "test")]):
-        streams[name] = _mode_load_stream(os.path.join(data_dir, f"{name}.npz"), V, max_len)
-        _mode_check_modality(os.path.join(data_dir, f"{name}.npz"), streams[name], image_ids, special)
+        path = os.path.join(data_dir, f"{name}.npz")
+        streams[name] = _mode_load_stream(path, V, max_len)
+        _mode_check_modality(path, streams[name], image_ids, special)
+        _mode_check_ends(path, streams[name], special, name.rsplit("_", 1)[0] in tasks)
     return {"vocab_size": V, "image_token_start": image_ids[0], "tasks": tasks, "image_ids": image_ids,
             **special}, streams
 
@@ -621,6 +624,22 @@ def _mode_check_modality(path: str, st: Dict[str, np.ndarray], image_ids: List[i
     if len(bad):
         raise DataError(f"{path}: row {bad[0]}: 'modality' differs from the one derived from the token ids "
                         "(1 for image ids, boi_id and eoi_id)")
+
+
+def _mode_check_ends(path: str, st: Dict[str, np.ndarray], special: dict, is_task: bool) -> None:
+    """pad_id: no target is a pad. eos_id (answers scored by greedy exact match): every task answer ends with
+    its only eos_id target."""
+    t, lm = st["tokens"], st["loss_mask"].astype(bool)
+    bad = np.where((lm & (t == special["pad_id"])).any(1))[0] if special["pad_id"] is not None else []
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]}: a target token is pad_id {special['pad_id']}")
+    if special["eos_id"] is None or not is_task:
+        return
+    last = np.where(lm, np.arange(t.shape[1]), -1).max(1)
+    ok = ((lm & (t == special["eos_id"])).sum(1) == 1) & (t[np.arange(len(t)), last] == special["eos_id"])
+    if not ok.all():
+        raise DataError(f"{path}: row {np.where(~ok)[0][0]}: the answer must end with its only eos_id "
+                        f"{special['eos_id']} target")
 
 
 def export_mode_world(out_dir: str, seed: int = 0, n_pretrain: int = 4096, n_train: int = 2048,

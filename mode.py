@@ -81,7 +81,9 @@ image codes) and one .npz per stream: pretrain, reference_train, reference_test,
 (1 = image span token, routed to the V-Adapter) and loss_mask [N, L] (1 = target token). gen_match and
 gen_drop need the built-in image oracle and are None there; gen_nll is still reported. meta.json may instead
 give "image_token_ranges": [[lo, hi), ...] (Anole: [[4, 8196]]) and "boi_id", "eoi_id", "eos_id", "pad_id";
-with boi_id and eoi_id every modality array must equal the one derived from the ids (image ids, <boi>, <eoi>).
+with boi_id and eoi_id every modality array must equal the one derived from the ids (image ids, <boi>, <eoi>);
+no target may be pad_id; with eos_id every task answer ends with its only eos_id and is also scored by greedy
+exact match (acc_exact, as --answers multi).
 data.export_mode_world(DIR) writes the built-in world in this format.
 
 --backbone hf (pip install "transformers>=4.43"): transformers' own ChameleonForConditionalGeneration, from
@@ -996,12 +998,15 @@ def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where
     (which ends with its only <eos>; a right value without <eos> in n tokens is wrong)."""
     hits, stream = [], eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
-        b = {k: v[i:i + chunk] for k, v in stream.items()}
-        q = int(query_pos(b)[0]) + 1
-        target, mask = b["tokens"][:, q:], b["loss_mask"][:, q:].bool()
-        assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
-        gen = F.pad(greedy_decode(model, b, scheme, image_lo, official, q, where, n), (0, target.shape[1]), value=-1)
-        hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
+        c = {k: v[i:i + chunk] for k, v in stream.items()}
+        starts = query_pos(c) + 1
+        for q in starts.unique().tolist():  # questions of one length decode together
+            b = {k: v[starts == q] for k, v in c.items()}
+            target, mask = b["tokens"][:, q:], b["loss_mask"][:, q:].bool()
+            assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
+            gen = greedy_decode(model, b, scheme, image_lo, official, q, where, n)
+            gen = F.pad(gen, (0, target.shape[1]), value=-1)
+            hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
     return rank_mean(100.0 * float(torch.cat(hits).float().mean()), len(stream["tokens"]))
 
 
@@ -1640,7 +1645,7 @@ def main(args: Args) -> dict:
                                                            scheme, ckpt, loggers, len(tasks), special)
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
-    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else None
+    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else special["eos_id"]
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
         rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 
 import common
@@ -891,6 +892,8 @@ def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
     w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
     b = mode.to_tensors({f: np.concatenate([w[f"{t}_train"][f][:2] for t in ("textvqa", "vizwiz", "scienceqa")])
                          for f in mode.FIELDS}, "cpu")
+    short = {k: F.pad(torch.cat([v[:3, :19], v[:3, 20:]], 1), (0, 1)) for k, v in b.items()}  # <sep> dropped
+    b = {k: torch.cat([b[k], short[k]]) for k in b}  # two question lengths in one chunk
     torch.manual_seed(0)
     model = mode.UnifiedLM(MULTI_VOCAB, 32, 2, 4, 64, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
@@ -926,4 +929,29 @@ def test_exported_world_modality_is_derived_from_the_ids_and_a_wrong_row_is_name
     w["modality"][7, 0] = 1
     np.savez(d / "gqa_test.npz", **w)
     with pytest.raises(data.DataError, match="gqa_test.npz: row 7: 'modality' differs"):
+        data.load_mode_dir(str(d), 32)
+
+
+def test_data_dir_eos_id_scores_exact_match_and_bad_ends_are_named(tmp_path):
+    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=32, n_train=32, n_test=16))
+    d, lo, eos = tmp_path / "m", MULTI_LO, EOS
+    d.mkdir()
+    meta = {"vocab_size": MULTI_VOCAB, "image_token_ranges": [[lo, MULTI_VOCAB]], "tasks": ["gqa", "vizwiz"],
+            "boi_id": 3, "eoi_id": 4, "pad_id": 0, "eos_id": eos}
+    (d / "meta.json").write_text(json.dumps(meta))
+    for name in ["pretrain", "reference_train", "reference_test", "gqa_train", "gqa_test", "vizwiz_train",
+                 "vizwiz_test"]:
+        np.savez(d / f"{name}.npz", **{f: w[name][f] for f in mode.FIELDS})
+    res = mode.main(mode.Args(data_dir=str(d), d_model=32, n_layers=1, d_ff=64, pretrain_steps=5, steps_per_task=3,
+                              n_test=16, pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "o"),
+                              log_every=1000))
+    assert "acc_exact" in res["matrices"] and len(res["matrices"]["acc_exact"]) == 3
+    st = dict(np.load(d / "gqa_test.npz"))
+    st["tokens"][5, st["loss_mask"][5].nonzero()[0][-1]] = 7  # the answer no longer ends with eos
+    np.savez(d / "gqa_test.npz", **st)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 5: the answer must end with its only eos_id"):
+        data.load_mode_dir(str(d), 32)
+    st["tokens"][5, st["loss_mask"][5].nonzero()[0][-1]], st["tokens"][6, 21] = eos, 0
+    np.savez(d / "gqa_test.npz", **st)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 6: a target token is pad_id 0"):
         data.load_mode_dir(str(d), 32)
