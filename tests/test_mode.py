@@ -888,7 +888,7 @@ def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
     assert gen.shape == (1, mode.MAX_NEW_TOKENS) and (gen < MULTI_LO).all()  # the image id scored 5 is masked
 
 
-def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
+def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model(monkeypatch):
     w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
     b = mode.to_tensors({f: np.concatenate([w[f"{t}_train"][f][:2] for t in ("textvqa", "vizwiz", "scienceqa")])
                          for f in mode.FIELDS}, "cpu")
@@ -906,7 +906,15 @@ def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
     scheme = mode.scheme_of(mode.Args(method="seq-lora"))
     allowed = mode.answer_vocab(b, MULTI_VOCAB)
     assert mode.vqa_accuracy(model, b, scheme, MULTI_LO, False, allowed)[1] == 100.0
+    calls, greedy_decode = [], mode.greedy_decode
+
+    def spy(model, b, *a):
+        calls.append((a[3], len(b["tokens"])))  # (question length, rows)
+        return greedy_decode(model, b, *a)
+
+    monkeypatch.setattr(mode, "greedy_decode", spy)
     assert mode.exact_match(model, b, scheme, MULTI_LO, False, EOS) == 100.0
+    assert sorted(calls) == [(20, 3), (21, 6)]  # each question decodes from its own end
 
 
 def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
