@@ -1266,7 +1266,7 @@ def validate_hf(args: Args) -> None:
         for f, bad in (("hf_model", args.hf_model is not None), ("hf_tiny_random", args.hf_tiny_random),
                        ("dtype", args.dtype != "auto"), ("gradient_checkpointing", args.gradient_checkpointing),
                        ("dist", dist_kind(args) != "none")):
-            common.require(not bad, f, "needs --backbone hf")
+            common.require(not bad, f, "needs --backbone hf" + (" (auto = ddp under torchrun)" if f == "dist" else ""))
         return
     hf_module()
     common.require((args.hf_model is not None) != args.hf_tiny_random, "hf_model",
@@ -1401,6 +1401,7 @@ def build(args: Args, np_streams, streams, vocab: int, image_lo, device, scheme:
     trainable = add_experts(model, args, scheme, n_tasks)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=args.backbone == "tiny")
+        pretrain_s = ckpt["timing"]["pretrain"]
     if args.backbone == "hf":
         parallelize(model, args)
         trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensors

@@ -268,6 +268,20 @@ def test_fsdp_without_the_public_fully_shard_exits_2_with_the_reason(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+TORCHRUN_BAD = [(dict(method="cl-moe"), "--method"), (dict(method="model-tailor"), "--method"),
+                (dict(batch_size=7), "--batch-size"), (dict(backbone="tiny"), "--dist")]
+
+
+@pytest.mark.parametrize("overrides,flag", TORCHRUN_BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(TORCHRUN_BAD)])
+def test_under_torchrun_bad_combinations_exit_2(tmp_path, capsys, monkeypatch, overrides, flag):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kw = RUN | {"hf_tiny_random": overrides.get("backbone", "hf") == "hf"} | overrides
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**kw, out_dir=str(tmp_path / "o")))
+    assert e.value.code == 2 and f"error: {flag}: " in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_without_transformers_hf_exits_2_with_the_pip_command(tmp_path):
     code = ("import sys; sys.modules['transformers'] = None; import mode, tyro; "
             "mode.validate(mode.Args()); print('tiny ok'); mode.main(tyro.cli(mode.Args))")
