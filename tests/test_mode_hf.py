@@ -1,6 +1,7 @@
 """mode.py --backbone hf on a tiny random Chameleon (transformers' own classes, CPU): wrappers on the MLP only,
 identity at init and teacher bypass, routing isolation, logits vs the upstream forward, KD, gradient checkpointing,
-cached greedy decoding, every method end to end, bad input, and DDP / FSDP2 under torchrun (gloo)."""
+KV-cached decoding and sampling, every method end to end, bf16, resume, local weights and meta.json ids, bad
+input, and DDP / FSDP2 under torchrun (gloo)."""
 
 import copy
 import json
@@ -27,7 +28,7 @@ LO = data.MODE_IMAGE_LO
 
 
 def hf_model(method="mode", perturb=0.0, **kw):
-    """A tiny random Chameleon with the method's experts (B perturbed by N(0, perturb) when asked), parallelized."""
+    """A tiny random Chameleon with the method's experts (each perturbed by N(0, perturb) when asked), parallelized."""
     args = mode.Args(**(SMALL | kw), method=method)
     torch.manual_seed(0)
     model = mode.tiny_chameleon(args, data.MODE_VOCAB, LO, data.MODE_SPECIAL)
