@@ -96,7 +96,7 @@ greedy decoding and image sampling with a KV cache. Under torchrun (--dist ddp|f
 draws the same global batch and takes its rows, losses are divided by the global target count; DDP ranks split
 the evaluation rows and reduce the means (FSDP2: every rank evaluates every row); rank 0 alone writes;
 checkpoints hold the experts.
-dualprompt stays on the tiny backbone (prefix attention); cl-moe and model-tailor run on one process.
+dualprompt stays on the tiny backbone (prefix attention); cl-moe and model-tailor run without FSDP2.
 
 Deviations from the paper:
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
@@ -713,7 +713,10 @@ def after_task(model: UnifiedLM, args: Args, streams, k: int, task: str, gens, s
     """Post-task step of each baseline, before row k is scored: CL-MoE's merge, DualPrompt's key release,
     Model Tailor's tailoring. `state` holds what later tasks need (checkpointed)."""
     if args.method == "cl-moe":
-        state["usage"].append(sum(layer.usage for layer in model.expert_layers()).cpu())
+        usage = sum(layer.usage for layer in model.expert_layers())
+        if dist.is_initialized():  # DDP: every rank counted its own rows
+            dist.all_reduce(usage)
+        state["usage"].append(usage.cpu())
         for layer in model.expert_layers():
             layer.usage = None
         if k > 0:
@@ -1037,7 +1040,7 @@ def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
 # ----------------------------------------------------------------- hf backbone (transformers' Chameleon / Anole)
 HF_PIP = 'pip install "transformers>=4.43"'
 HF_MLP = ("gate_proj", "up_proj", "down_proj")
-NOT_DISTRIBUTED = ("cl-moe", "model-tailor")  # their after-task steps need the full, unsharded experts on one rank
+NOT_SHARDED = ("cl-moe", "model-tailor")  # their after-task steps edit whole expert tensors: not under FSDP2
 
 
 class Route:
@@ -1316,11 +1319,11 @@ def validate_dist(args: Args) -> None:
     if kind == "none":
         return
     common.require("RANK" in os.environ, "dist", f"{kind} runs under torchrun (torchrun --nproc_per_node N mode.py)")
-    common.require(args.method not in NOT_DISTRIBUTED, "method", f"{args.method} runs on one process (--dist none)")
     common.require(args.resume is None, "resume", "not with --dist ddp/fsdp")
     for f in ("batch_size", "kd_batch_size"):
         common.require(getattr(args, f) % world == 0, f, f"must be divisible by the {world} ranks")
     if kind == "fsdp":
+        common.require(args.method not in NOT_SHARDED, "method", f"{args.method} runs with --dist ddp or none")
         common.require(args.conflict_every == 0, "conflict_every",
                        "must be 0 with --dist fsdp (the gradient check differentiates w.r.t. unsharded parameters)")
         try:

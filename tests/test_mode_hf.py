@@ -269,8 +269,10 @@ def test_fsdp_without_the_public_fully_shard_exits_2_with_the_reason(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
-TORCHRUN_BAD = [(dict(method="cl-moe"), "--method"), (dict(method="model-tailor"), "--method"),
-                (dict(batch_size=7), "--batch-size"), (dict(backbone="tiny"), "--dist")]
+TORCHRUN_BAD = [(dict(method="cl-moe", dist="fsdp", conflict_every=0), "--method"),
+                (dict(method="model-tailor", dist="fsdp", conflict_every=0), "--method"),
+                (dict(dist="fsdp"), "--conflict-every"), (dict(batch_size=7), "--batch-size"),
+                (dict(backbone="tiny"), "--dist")]
 
 
 @pytest.mark.parametrize("overrides,flag", TORCHRUN_BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(TORCHRUN_BAD)])
@@ -328,11 +330,14 @@ def cli(kw: dict):
     return out
 
 
-@pytest.mark.parametrize("kind,extra", [("ddp", {}), ("fsdp", dict(dtype="bfloat16", gradient_checkpointing=True))],
-                         ids=["ddp", "fsdp-bf16-checkpointing"])
+DIST_CASES = [("ddp", {}), ("fsdp", dict(dtype="bfloat16", gradient_checkpointing=True)),
+              ("ddp", dict(method="cl-moe", num_tasks=2))]  # cl-moe: usage counts summed over ranks, then merged
+
+
+@pytest.mark.parametrize("kind,extra", DIST_CASES, ids=["ddp", "fsdp-bf16-checkpointing", "ddp-cl-moe"])
 def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kind, extra):
     single = tmp_path / "single"
-    mode.main(mode.Args(**dist_args(cache), **extra, out_dir=str(single)))
+    mode.main(mode.Args(**(dist_args(cache) | extra), out_dir=str(single)))
     (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "worker.py", kind] + cli(dist_args("cache") | extra | {"dist": kind, "out_dir": "out"})  # pre-trains
@@ -340,12 +345,13 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kin
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     g = max_diff(torch.load(tmp_path / "grads.pt"), step1_grads())
-    w = max_diff(torch.load(tmp_path / "rank0" / "out" / "model_after_scienceqa.pt")["model"],
-                 torch.load(single / "model_after_scienceqa.pt")["model"])
-    print(f"{kind}: step-1 gradients max abs diff {g:.3g}, experts after 3 AdamW steps {w:.3g}")
+    last = f"model_after_{data.MODE_TASKS[(dist_args(cache) | extra)['num_tasks'] - 1]}.pt"
+    w = max_diff(torch.load(tmp_path / "rank0" / "out" / last)["model"], torch.load(single / last)["model"])
+    print(f"{kind} {extra}: step-1 gradients max abs diff {g:.3g}, experts after 3 AdamW steps a task {w:.3g}")
     assert g < 1e-6 and w < 1e-4  # decisions M1
     one, two = (json.loads((d / "results.json").read_text()) for d in (single, tmp_path / "rank0" / "out"))
     assert two["matrices"] == one["matrices"]  # ddp: each rank scores its rows, then the means are reduced
+    assert two["extra"]["clmoe_usage"] == one["extra"]["clmoe_usage"]  # None but for cl-moe
     assert max(abs(a - b) for a, b in zip(two["extra"]["gen_nll"], one["extra"]["gen_nll"])) < 1e-4
     assert (tmp_path / "rank0" / "out" / "results.json").exists() and os.listdir(tmp_path / "rank0" / "cache")
     assert not os.listdir(tmp_path / "rank1")  # no run dir, no pre-training cache
