@@ -250,6 +250,8 @@ class Args:
     """--backbone hf under torchrun: data parallel (auto = ddp when WORLD_SIZE > 1); nccl on CUDA, gloo on CPU"""
     eval_max_new_tokens: int = 8
     """--answers multi: greedy decoding budget of the exact-match scoring (both backbones; hf: with a KV cache)"""
+    eval_batch_size: int = 512
+    """sequences per evaluation forward (the hf backbone with a real model's vocabulary: a few)"""
 
     # Algorithm specific arguments
     method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
@@ -960,21 +962,21 @@ def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") 
 
 
 def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None,
-             max_new: int = MAX_NEW_TOKENS) -> dict:
+             max_new: int = MAX_NEW_TOKENS, chunk: int = 512) -> dict:
     """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary),
     greedy exact match when eos is given (--answers multi), and the generation metrics."""
     model.eval()
     row = {}
     for suffix, official in ROUTINGS:
-        acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], where=f"{where} {t}")
+        acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], chunk, f"{where} {t}")
                for t in tasks]
         row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
         if eos is not None:
             row["acc_exact" + suffix] = [exact_match(model, streams[f"{t}_test"], scheme, image_lo, official, eos,
-                                                     where=f"{where} {t}", n=max_new) for t in tasks]
+                                                     chunk, f"{where} {t}", max_new) for t in tasks]
     if model.prompts is not None:
         row["dp_selection_acc"] = [dp_selection_acc(model, streams[f"{t}_test"], j) for j, t in enumerate(tasks)]
-    row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
+    row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, chunk, where)
     row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
     return row
@@ -1013,7 +1015,7 @@ def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where
     return rank_mean(100.0 * float(torch.cat(hits).float().mean()), len(stream["tokens"]))
 
 
-def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
+def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R, chunk: int = 512) -> dict:
     """Where the forgetting flows (E1, closed-set): after the last task, the experts as applied at image (or text)
     tokens are restored to their state right after task j, and task j is scored; 'both' restores every token.
     None for DualPrompt (no per-token adapters)."""
@@ -1024,7 +1026,8 @@ def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots
     out = {"lost": [R[j + 1][j] - R[-1][j] for j in old]}
     for name, path in (("image", 1), ("text", 0), ("both", None)):
         out[f"restored_{name}"] = [vqa_accuracy(model, streams[f"{tasks[j]}_test"], scheme, image_lo, False,
-                                                answers[tasks[j]], restore=(snapshots[j], path))[0] for j in old]
+                                                answers[tasks[j]], chunk, restore=(snapshots[j], path))[0]
+                                   for j in old]
     model.train()
     return out
 
@@ -1586,7 +1589,7 @@ def validate(args: Args) -> None:
     """Every hyperparameter check, before anything is written: exit 2 with 'error: --flag: problem'."""
     for f in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "conflict_batch_size",
               "lora_rank", "num_experts", "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads",
-              "d_ff", "max_len", "log_every", "eval_max_new_tokens"):
+              "d_ff", "max_len", "log_every", "eval_max_new_tokens", "eval_batch_size"):
         common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
     for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads"):
         common.require(getattr(args, f) >= 0, f, f"must be >= 0 (got {getattr(args, f)})")
@@ -1652,8 +1655,9 @@ def main(args: Args) -> dict:
     eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else special["eos_id"]
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
-        rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
-                                                     "row 0", eos, args.eval_max_new_tokens)], [], [], 0
+        row0 = evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, "row 0", eos,
+                        args.eval_max_new_tokens, args.eval_batch_size)
+        rows, conflicts, snapshots, done = [row0], [], [], 0
         state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
@@ -1672,7 +1676,7 @@ def main(args: Args) -> dict:
         snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos,
-                                 args.eval_max_new_tokens))
+                                 args.eval_max_new_tokens, args.eval_batch_size))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}
@@ -1688,7 +1692,8 @@ def main(args: Args) -> dict:
 
     # ------------------------------------------------------------------------- results
     with eval_sw:
-        attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows])
+        attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows],
+                                args.eval_batch_size)
     summary = summarize(rows, conflicts, attr)
     timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
               "total": time.perf_counter() - t_start}

@@ -242,6 +242,19 @@ def test_bfloat16_checkpointing_and_multi_answers_end_to_end(tmp_path, cache, mo
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if ".B_" in k)  # the experts trained
 
 
+def test_eval_batch_size_bounds_every_evaluation_forward(tmp_path, cache, monkeypatch):
+    sizes, run = [], mode.run
+
+    def spy(model, batch, route):
+        sizes.append(len(batch["tokens"]))
+        return run(model, batch, route)
+
+    monkeypatch.setattr(mode, "run", spy)  # the hf training step does not go through run
+    mode.main(mode.Args(**RUN, eval_batch_size=5, conflict_every=0, pretrain_cache_dir=cache,
+                        out_dir=str(tmp_path / "o")))
+    assert max(sizes) == 5 and 1 in sizes  # 16 test rows: 5 + 5 + 5 + 1
+
+
 BAD = [(dict(method="dualprompt", dp_e_layers=(1,)), "--method"), (dict(hf_tiny_random=False), "--hf-model"),
        (dict(hf_tiny_random=False, hf_model="/nonexistent/anole"), "--hf-model"),
        (dict(gradient_checkpointing=True, method="cl-moe"), "--gradient-checkpointing"),
