@@ -963,3 +963,18 @@ def test_data_dir_eos_id_scores_exact_match_and_bad_ends_are_named(tmp_path):
     np.savez(d / "gqa_test.npz", **st)
     with pytest.raises(data.DataError, match="gqa_test.npz: row 6: a target token is pad_id 0"):
         data.load_mode_dir(str(d), 32)
+
+
+def test_resume_of_a_run_from_before_a_flag_existed_takes_its_default(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = mode.Args(out_dir=str(run), num_tasks=2)
+    common.open_run(args, "x", "mode")
+    stored = json.loads((run / "args.json").read_text())
+    for new_flag in ("backbone", "eval_batch_size", "dist"):  # added after such a run started
+        stored.pop(new_flag)
+    (run / "args.json").write_text(json.dumps(stored))
+    common.save_checkpoint(str(run), "mode", args, 1, 2, {})
+    assert common._check_resume(mode.Args(out_dir=str(run), num_tasks=2, resume=str(run)), "mode")["done"] == 1
+    with pytest.raises(SystemExit) as e:
+        common._check_resume(mode.Args(out_dir=str(run), num_tasks=2, resume=str(run), eval_batch_size=4), "mode")
+    assert e.value.code == 2 and "eval_batch_size (4 != 512)" in capsys.readouterr().err
