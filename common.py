@@ -177,6 +177,7 @@ def open_run(args, name: str, script: str) -> Tuple[str, Optional[dict]]:
 
 def _check_resume(args, script: str) -> dict:
     stored, now = _read_stored_args(args.resume), _jsonable(vars(args))
+    stored = _jsonable(vars(type(args)())) | stored  # a flag added after the run started: its default
     diff = [f"{k} ({now.get(k)!r} != {stored.get(k)!r})" for k in sorted(set(stored) | set(now))
             if k not in RESUME_FREE and now.get(k) != stored.get(k)]
     if diff:

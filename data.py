@@ -538,6 +538,8 @@ MODE_SV_VOCAB = MODE_SV_IMAGE_LO + len(MODE_BACKGROUNDS) + len(MODE_COLOURS)
 _MODE_SV_ID = {w: i for i, w in enumerate(MODE_SV_TEXT)}
 MODE_WORLDS = {"default": (MODE_TASKS, MODE_VOCAB, MODE_IMAGE_LO),  # world -> (tasks, vocab size, first image id)
                "shared-visual": (MODE_SV_TASKS, MODE_SV_VOCAB, MODE_SV_IMAGE_LO)}
+MODE_SPECIAL = {"boi_id": _MODE_ID["<boi>"], "eoi_id": _MODE_ID["<eoi>"], "pad_id": _MODE_ID["<pad>"],
+                "eos_id": None}  # the --data-dir meta.json keys of the special ids
 
 
 def mode_shape_masks() -> np.ndarray:
@@ -709,7 +711,7 @@ def mode_read_image(codes: np.ndarray, world: str = "default") -> Tuple[np.ndarr
 
 def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
     """Read a --data-dir for mode.py: meta.json + one .npz per stream (see mode.py's docstring).
-    Returns (meta, streams); raises DataError naming the file and the problem."""
+    Returns (meta with image_ids and the special ids, streams); raises DataError naming the file and the problem."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: --data-dir is not a directory")
@@ -718,17 +720,84 @@ def load_mode_dir(data_dir: str, max_len: int) -> Tuple[dict, Dict[str, dict]]:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path}: cannot read meta.json ({e})") from e
-    V, lo, tasks = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("tasks")
-    if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
-        raise DataError(f"{meta_path}: need ints vocab_size and image_token_start "
-                        "with 0 < image_token_start < vocab_size")
+    V, tasks = meta.get("vocab_size"), meta.get("tasks")
+    image_ids = _mode_image_ids(meta, meta_path)
     if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
         raise DataError(f"{meta_path}: 'tasks' must be a non-empty list of task names")
+    special = {k: meta.get(k) for k in MODE_SPECIAL}
+    for k, v in special.items():
+        if v is not None and not (isinstance(v, int) and 0 <= v < V and v not in image_ids):
+            raise DataError(f"{meta_path}: '{k}' must be a text id in [0, vocab_size) (got {v!r})")
     streams = {}
     for name in (["pretrain", "reference_train", "reference_test"]
                  + [f"{t}_{s}" for t in tasks for s in ("train", "test")]):
-        streams[name] = _mode_load_stream(os.path.join(data_dir, f"{name}.npz"), V, max_len)
-    return {"vocab_size": V, "image_token_start": lo, "tasks": tasks}, streams
+        path = os.path.join(data_dir, f"{name}.npz")
+        streams[name] = _mode_load_stream(path, V, max_len)
+        _mode_check_modality(path, streams[name], image_ids, special)
+        _mode_check_ends(path, streams[name], special, name.rsplit("_", 1)[0] in tasks)
+    return {"vocab_size": V, "image_token_start": image_ids[0], "tasks": tasks, "image_ids": image_ids,
+            **special}, streams
+
+
+def _mode_image_ids(meta: dict, meta_path: str) -> List[int]:
+    """Sorted image ids: image_token_ranges [[lo, hi), ...] (Chameleon's codes lie inside the vocabulary) or,
+    in older files, image_token_start (every id >= it)."""
+    V, lo, ranges = meta.get("vocab_size"), meta.get("image_token_start"), meta.get("image_token_ranges")
+    if ranges is None:
+        if not (isinstance(V, int) and isinstance(lo, int) and 0 < lo < V):
+            raise DataError(f"{meta_path}: need ints vocab_size and image_token_start "
+                            "with 0 < image_token_start < vocab_size (or image_token_ranges)")
+        ranges = [[lo, V]]
+    ok = isinstance(V, int) and isinstance(ranges, list) and ranges and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 0 < r[0] < r[1] <= V
+        for r in ranges)
+    if not ok:
+        raise DataError(f"{meta_path}: image_token_ranges must be [[lo, hi), ...] with 0 < lo < hi <= vocab_size")
+    ids = sorted({i for a, b in ranges for i in range(a, b)})
+    if lo is not None and lo != ids[0]:
+        raise DataError(f"{meta_path}: image_token_start {lo} is not the first id of image_token_ranges ({ids[0]})")
+    return ids
+
+
+def _mode_check_modality(path: str, st: Dict[str, np.ndarray], image_ids: List[int], special: dict) -> None:
+    """With boi_id and eoi_id in meta.json: the modality array must equal the one derived from the ids
+    (1 for image ids, <boi> and <eoi>, else 0)."""
+    if special["boi_id"] is None or special["eoi_id"] is None:
+        return
+    derived = np.isin(st["tokens"], image_ids + [special["boi_id"], special["eoi_id"]]).astype(np.int64)
+    bad = np.where((derived != st["modality"]).any(1))[0]
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]}: 'modality' differs from the one derived from the token ids "
+                        "(1 for image ids, boi_id and eoi_id)")
+
+
+def _mode_check_ends(path: str, st: Dict[str, np.ndarray], special: dict, is_task: bool) -> None:
+    """pad_id: no target is a pad. eos_id (answers scored by greedy exact match): every task answer ends with
+    its only eos_id target."""
+    t, lm = st["tokens"], st["loss_mask"].astype(bool)
+    bad = np.where((lm & (t == special["pad_id"])).any(1))[0] if special["pad_id"] is not None else []
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]}: a target token is pad_id {special['pad_id']}")
+    if special["eos_id"] is None or not is_task:
+        return
+    last = np.where(lm, np.arange(t.shape[1]), -1).max(1)
+    ok = ((lm & (t == special["eos_id"])).sum(1) == 1) & (t[np.arange(len(t)), last] == special["eos_id"])
+    if not ok.all():
+        raise DataError(f"{path}: row {np.where(~ok)[0][0]}: the answer must end with its only eos_id "
+                        f"{special['eos_id']} target")
+
+
+def export_mode_world(out_dir: str, seed: int = 0, n_pretrain: int = 4096, n_train: int = 2048,
+                      n_test: int = 512) -> None:
+    """Write the built-in world as a --data-dir (with the image id range and the special ids)."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"vocab_size": MODE_VOCAB, "image_token_start": MODE_IMAGE_LO,
+            "image_token_ranges": [[MODE_IMAGE_LO, MODE_VOCAB]], "tasks": MODE_TASKS,
+            **{k: v for k, v in MODE_SPECIAL.items() if v is not None}}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    for name, st in make_mode_world(seed, n_pretrain, n_train, n_test).items():
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **{k: st[k] for k in ("tokens", "modality", "loss_mask")})
 
 
 def _mode_load_stream(path: str, V: int, max_len: int) -> Dict[str, np.ndarray]:

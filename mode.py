@@ -31,6 +31,9 @@ Usage:
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
     python mode.py --world shared-visual    # a world whose five tasks all need the image path (below)
     python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
+    python mode.py --backbone hf --hf-tiny-random                     # transformers' Chameleon, random, tiny
+    python mode.py --backbone hf --hf-model /models/Anole-7b-v0.1-hf --data-dir my_tasks/ --dtype bfloat16
+    torchrun --nproc_per_node 8 mode.py --backbone hf --hf-model ... --data-dir ... --dist ddp   # or fsdp
 
 Metrics (row 0 = the pre-trained model, row k = after task k; R[k][j] = accuracy on task j, percent;
 R is closed-set: the argmax is taken over task j's answer vocabulary = the target ids of its train split,
@@ -55,7 +58,7 @@ are the same formulas on R_open):
 An understanding sample is correct when the argmax (closed-set or open) equals every answer token.
 --answers multi (built-in data): answers become `it is <value> <eos>` (counts as two digit tokens,
 the night answer `unanswerable <eos>`; 13 new text ids, the image codes move up), every answer token a target;
-rows then also hold acc_exact (and _official_routing): greedy decoding of at most 6 tokens after the question,
+rows then also hold acc_exact (and _official_routing): greedy decoding of --eval-max-new-tokens (8) after the question,
 image ids masked, generated tokens routed as text, correct when the decode up to and including the first <eos>
 equals the answer, as the paper scores VQA. Summary keys acc_exact, bwt_exact, forgetting_exact. acc_exact equals
 acc_open here by construction (a deterministic greedy decode reproduces every teacher-forced argmax up to the
@@ -87,7 +90,24 @@ with exit code 1 and writes no results.json; bad arguments or data exit 2 before
 image codes) and one .npz per stream: pretrain, reference_train, reference_test, <task>_train,
 <task>_test, each with int arrays tokens [N, L] (L <= --max-len, trailing pad allowed), modality [N, L]
 (1 = image span token, routed to the V-Adapter) and loss_mask [N, L] (1 = target token). gen_match and
-gen_drop need the built-in image oracle and are None there; gen_nll is still reported.
+gen_drop need the built-in image oracle and are None there; gen_nll is still reported. meta.json may instead
+give "image_token_ranges": [[lo, hi), ...] (Anole: [[4, 8196]]) and "boi_id", "eoi_id", "eos_id", "pad_id";
+with boi_id and eoi_id every modality array must equal the one derived from the ids (image ids, <boi>, <eoi>);
+no target may be pad_id; with eos_id every task answer ends with its only eos_id and is also scored by greedy
+exact match (acc_exact, as --answers multi).
+data.export_mode_world(DIR) writes the built-in world in this format.
+
+--backbone hf (pip install "transformers>=4.43"): transformers' own ChameleonForConditionalGeneration, from
+--hf-model DIR (local files only; meta.json must match its vocabulary) or --hf-tiny-random (sized by --d-model
+etc., pre-trained like the tiny model). The same ExpertLinear wraps every decoder layer's mlp.gate/up/down_proj
+and reads the route from a shared holder; logits = lm_head(hidden states) (the upstream forward sets image ids
+to the dtype minimum); each routed pass runs forward and backward before the route changes (with gradient
+checkpointing the backward recomputes the MLPs under the route set then). Base in --dtype, experts in float32;
+greedy decoding and image sampling with a KV cache. Under torchrun (--dist ddp|fsdp, gloo or nccl) every rank
+draws the same global batch and takes its rows, losses are divided by the global target count; DDP ranks split
+the evaluation rows and reduce the means (FSDP2: every rank evaluates every row); rank 0 alone writes;
+checkpoints hold the experts.
+dualprompt stays on the tiny backbone (prefix attention); cl-moe and model-tailor run without FSDP2.
 
 Deviations from the paper:
     - tiny model and synthetic world instead of Anole-7B, CoIN and LAION; CLIP/FID -> gen_nll, gen_match;
@@ -142,6 +162,7 @@ loop, batches, steps and fresh-per-task AdamW as the other methods unless said; 
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -152,6 +173,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -227,6 +249,22 @@ class Args:
     """use only the first N tasks of the sequence (0 = all)"""
     answers: Literal["single", "multi"] = "single"
     """built-in data: single-token answers (headline) or `it is <value> <eos>` scored by greedy exact match too"""
+    backbone: Literal["tiny", "hf"] = "tiny"
+    """tiny = the built-in decoder; hf = transformers' Chameleon / Anole classes (pip install "transformers>=4.43")"""
+    hf_model: Optional[str] = None
+    """--backbone hf: local directory of a Chameleon / Anole checkpoint (config.json + weights); no downloads"""
+    hf_tiny_random: bool = False
+    """--backbone hf: a random Chameleon sized by --d-model/--n-layers/--n-heads/--d-ff, pre-trained as the tiny one"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """--backbone hf: dtype of the frozen base (auto = bfloat16 on CUDA, float32 on CPU); experts stay float32"""
+    gradient_checkpointing: bool = False
+    """--backbone hf: recompute each decoder layer in backward (non-reentrant) to save activation memory"""
+    dist: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """--backbone hf under torchrun: data parallel (auto = ddp when WORLD_SIZE > 1); nccl on CUDA, gloo on CPU"""
+    eval_max_new_tokens: int = 8
+    """--answers multi: greedy decoding budget of the exact-match scoring (both backbones; hf: with a KV cache)"""
+    eval_batch_size: int = 512
+    """sequences per evaluation forward (the hf backbone with a real model's vocabulary: a few)"""
 
     # Algorithm specific arguments
     method: Literal["mode", "seq-lora", "moe-lora", "tmoe-only", "cl-moe", "dualprompt", "model-tailor"] = "mode"
@@ -311,14 +349,14 @@ BASELINES = ("cl-moe", "dualprompt", "model-tailor")
 TAILOR_BLOCK = 128  # columns per block of Model Tailor's mask and lazy compensation (sparsegpt.py blocksize)
 MULTI_WORDS = ("it", "is", *map(str, range(10)), "<eos>")  # --answers multi: text ids after data.MODE_TEXT
 QUESTION_LEN = 21  # built-in VQA: <bos> <boi> 16 codes <eoi> <sep> <q:task>, then the answer
-MAX_NEW_TOKENS = 6  # --answers multi: greedy decoding budget (the longest answer, `it is 1 0 <eos>`, has 5)
+MAX_NEW_TOKENS = 8  # default greedy decoding budget (--eval-max-new-tokens; the longest answer has 5 tokens)
 VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
                   "steps_per_task", "batch_size", "lr", "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout",
                   "num_experts", "kd_lambda", "kd_temperature", "kd_batch_size", "conflict_every",
                   "conflict_batch_size", "clmoe_momentum", "clmoe_top", "dp_g_layers", "dp_e_layers", "dp_g_length",
                   "dp_e_length", "dp_lr", "dp_max_grad_norm", "dp_pull", "tailor_keep", "tailor_samples",
-                  "tailor_damp", "tailor_score", "answers", "world")
+                  "tailor_damp", "tailor_score", "answers", "world", "eval_max_new_tokens")
 ROUTINGS = (("", False), ("_official_routing", True))  # (key suffix, every token to the text experts)
 MATRICES = ("acc", "acc_open", "acc_official_routing", "acc_open_official_routing", "acc_exact",
             "acc_exact_official_routing")  # the last two with --answers multi only
@@ -343,6 +381,8 @@ def config_hash(args: Args, source: str) -> str:
         cfg["pretrain_max_grad_norm"] = args.pretrain_max_grad_norm
     if args.world != "default":  # likewise
         cfg["world"] = args.world
+    if args.backbone == "hf":  # --hf-tiny-random
+        cfg["backbone"] = "hf-tiny-random"
     blob = json.dumps(cfg | {"source": source, "v": 1}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -368,8 +408,9 @@ def is_expert(name: str) -> bool:
 
 def base_hashes(model: nn.Module) -> Dict[str, str]:
     """sha1 of every frozen base tensor: base_weights_unchanged compares against the pre-trained weights."""
-    return {k: hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in model.state_dict().items() if not is_expert(k)}
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}  # FSDP2
+    return {k: hashlib.sha1(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in local.items() if not is_expert(k)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -381,9 +422,10 @@ class ExpertLinear(nn.Module):
     restore = (expert tensors of a snapshot, bool [B, S]) gives the selected tokens the snapshot's delta.
     patch (Model Tailor) is a frozen dense weight change on routed tokens; usage (CL-MoE) counts top-2 experts."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, base: Optional[nn.Linear] = None, holder=None):
         super().__init__()
-        self.base = nn.Linear(d_in, d_out, bias=False)
+        self.base = nn.Linear(d_in, d_out, bias=False) if base is None else base
+        self.holder = holder  # hf backbone: the Route every wrapper reads (transformers' MLP passes only x)
         self.n_text, self.image_side, self.restore, self.usage = 0, False, None, None
         self.register_buffer("patch", None)
 
@@ -393,14 +435,15 @@ class ExpertLinear(nn.Module):
         bound = 1 / math.sqrt(d_in)  # = kaiming_uniform(a=sqrt(5)) as in LoRA; B = 0 -> identity at init
         self.base.weight.requires_grad_(False)
         self.n_text, self.image_side, self.scale, self.drop = n_text, image_side, alpha / r, nn.Dropout(dropout)
-        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r_text).uniform_(-bound, bound))
-        self.B_t = nn.Parameter(torch.zeros(n_text, r_text, d_out))
-        self.router = nn.Linear(d_in, n_text, bias=False) if n_text > 1 else None
+        dev = self.base.weight.device  # experts in float32 whatever the base's dtype
+        self.A_t = nn.Parameter(torch.empty(n_text, d_in, r_text, device=dev).uniform_(-bound, bound))
+        self.B_t = nn.Parameter(torch.zeros(n_text, r_text, d_out, device=dev))
+        self.router = nn.Linear(d_in, n_text, bias=False, device=dev) if n_text > 1 else None
         if image_side:
-            self.A_v = nn.Parameter(torch.empty(d_in, r).uniform_(-bound, bound))
-            self.B_v = nn.Parameter(torch.zeros(r, d_out))
+            self.A_v = nn.Parameter(torch.empty(d_in, r, device=dev).uniform_(-bound, bound))
+            self.B_v = nn.Parameter(torch.zeros(r, d_out, device=dev))
         if patch:
-            self.patch = torch.zeros_like(self.base.weight)
+            self.patch = torch.zeros_like(self.base.weight, dtype=torch.float32)
 
     def experts(self) -> Dict[str, Optional[torch.Tensor]]:
         if self.n_text == 0:
@@ -423,16 +466,18 @@ class ExpertLinear(nn.Module):
             return torch.where(route.unsqueeze(-1) == 1, h @ p["A_v"] @ p["B_v"], delta)
         return torch.where(route.unsqueeze(-1) == 1, torch.zeros_like(delta), delta)
 
-    def forward(self, x: torch.Tensor, route: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.base(x)
+        route = route if self.holder is None else self.holder.value
         if route is None or self.n_text == 0:
             return y
+        x = x.to(self.A_t.dtype)  # a bfloat16 base: the experts compute in float32
         h = self.drop(x)
         delta = self.adapted(x, h, route, self.experts())
         if self.restore is not None:  # path attribution only
             snapshot, sel = self.restore
             delta = torch.where(sel.unsqueeze(-1), self.adapted(x, h, route, snapshot), delta)
-        return y + delta
+        return y + delta.to(y.dtype)
 
     def adapted(self, x, h, route, p: dict) -> torch.Tensor:
         delta = self.scale * self.delta(x, h, route, p)
@@ -514,29 +559,42 @@ class Prompts(nn.Module):
 
 
 # ----------------------------------------------------------------------------- losses
-def restrict_logits(logits: torch.Tensor, targets: torch.Tensor, image_lo: int) -> torch.Tensor:
+def is_image_id(ids: torch.Tensor, image_lo) -> torch.Tensor:
+    """image_lo: the first image id (image codes are the vocabulary's tail) or a bool table [V] (meta.json's
+    image_token_ranges, e.g. Anole's codes 4..8195 inside the vocabulary)."""
+    return ids >= image_lo if isinstance(image_lo, int) else image_lo[ids]
+
+
+def image_columns(image_lo):
+    """Index of the image-code columns of a logit tensor (a slice for a tail, else the bool table)."""
+    return slice(image_lo, None) if isinstance(image_lo, int) else image_lo
+
+
+def restrict_logits(logits: torch.Tensor, targets: torch.Tensor, image_lo) -> torch.Tensor:
     """Modality logit mask (as the code's train-text / train-image modes): a text target is scored over
     text ids only, an image-code target over image codes only."""
-    vocab_is_image = torch.arange(logits.shape[-1], device=logits.device) >= image_lo
-    return logits.masked_fill(vocab_is_image != (targets >= image_lo).unsqueeze(-1), float("-inf"))
+    vocab_is_image = is_image_id(torch.arange(logits.shape[-1], device=logits.device), image_lo)
+    return logits.masked_fill(vocab_is_image != is_image_id(targets, image_lo).unsqueeze(-1), float("-inf"))
 
 
-def lm_loss(logits: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo: int) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo, denom: Optional[float] = None):
     # Eq. (CE): next-token cross-entropy on the target tokens only (answers, or image codes)
     targets, mask = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:].bool()
     logits = restrict_logits(logits[:, :-1], targets, image_lo)
-    return F.cross_entropy(logits[mask], targets[mask])
+    if denom is None:
+        return F.cross_entropy(logits[mask], targets[mask])
+    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / denom  # hf: global count (D6)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo: int,
-            tau: float, double_tau: bool = False, all_positions: bool = False) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, batch: Dict[str, torch.Tensor], image_lo,
+            tau: float, double_tau: bool = False, all_positions: bool = False, denom: Optional[float] = None):
     # Eq. (KD): L_KD = tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau)) over the image vocabulary
-    div = tau * tau if double_tau else tau
-    log_s = F.log_softmax(student[:, :-1, image_lo:].float() / div, -1)
-    log_t = F.log_softmax(teacher[:, :-1, image_lo:].float() / div, -1)
+    div, cols = tau * tau if double_tau else tau, image_columns(image_lo)
+    log_s = F.log_softmax(student[:, :-1, cols].float() / div, -1)
+    log_t = F.log_softmax(teacher[:, :-1, cols].float() / div, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     mask = torch.ones_like(kl, dtype=torch.bool) if all_positions else batch["loss_mask"][:, 1:].bool()
-    return tau * tau * kl[mask].mean()
+    return tau * tau * (kl[mask].mean() if denom is None else kl[mask].sum() / denom)
 
 
 
@@ -672,7 +730,10 @@ def after_task(model: UnifiedLM, args: Args, streams, k: int, task: str, gens, s
     """Post-task step of each baseline, before row k is scored: CL-MoE's merge, DualPrompt's key release,
     Model Tailor's tailoring. `state` holds what later tasks need (checkpointed)."""
     if args.method == "cl-moe":
-        state["usage"].append(sum(layer.usage for layer in model.expert_layers()).cpu())
+        usage = sum(layer.usage for layer in model.expert_layers())
+        if dist.is_initialized():  # DDP: every rank counted its own rows
+            dist.all_reduce(usage)
+        state["usage"].append(usage.cpu())
         for layer in model.expert_layers():
             layer.usage = None
         if k > 0:
@@ -806,8 +867,8 @@ def tailor_model(model: UnifiedLM, calib: Dict[str, torch.Tensor], args: Args, i
     model.eval()
     route, valid = torch.zeros_like(calib["tokens"]), calib["tokens"] != 0
     sign = 1.0 if args.official_tailor_sign else -1.0
-    for blk in model.blocks:
-        layers = [blk.gate, blk.up, blk.down]
+    experts = model.expert_layers()
+    for layers in (experts[i:i + 3] for i in range(0, len(experts), 3)):  # one block's gate, up, down
         for layer, x in zip(layers, layer_inputs(model, layers, calib["tokens"], route)):
             x = x[valid].double()
             w_pre = layer.base.weight + layer.patch
@@ -831,7 +892,7 @@ def answer_vocab(stream: Dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
 
 def expert_snapshot(model: UnifiedLM) -> List[dict]:
     """A copy of every layer's expert tensors (path attribution restores them per token)."""
-    return [{k: None if v is None else v.detach().clone() for k, v in layer.experts().items()}
+    return [{k: None if v is None else full_tensor(v.detach()).clone() for k, v in layer.experts().items()}
             for layer in model.expert_layers()]
 
 
@@ -857,7 +918,7 @@ def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, 
     modality: closed-set restricts it to the `allowed` ids (the task's answer vocabulary), open does not.
     official=True routes every token to the text experts (E2); restore: see `restoring`. Non-finite logits raise
     ValueError."""
-    closed, open_ = [], []
+    closed, open_, stream = [], [], eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         with restoring(model, restore, b["modality"]):
@@ -867,88 +928,111 @@ def vqa_accuracy(model, stream, scheme, image_lo, official, allowed, chunk=512, 
         logits = restrict_logits(raw, targets, image_lo)
         open_.append(((logits.argmax(-1) == targets) | ~mask).all(1))
         closed.append(((logits.masked_fill(~allowed, float("-inf")).argmax(-1) == targets) | ~mask).all(1))
-    return tuple(100.0 * float(torch.cat(c).float().mean()) for c in (closed, open_))
+    return tuple(rank_mean(100.0 * float(torch.cat(c).float().mean()), len(stream["tokens"])) for c in (closed, open_))
 
 
 @torch.no_grad()
 def generation_nll(model, stream, scheme, image_lo, chunk=512, where="") -> float:
     """Teacher-forced NLL (nats per image code) of the reference images; non-finite logits raise ValueError."""
-    tot, n = 0.0, 0
+    tot, n, stream = 0.0, 0, eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
         b = {k: v[i:i + chunk] for k, v in stream.items()}
         logits = run(model, b, route_for(b, scheme, "gen"))
         common.require_finite(logits, "gen_nll logits", where)
         k = int(b["loss_mask"][:, 1:].sum())
         tot, n = tot + float(lm_loss(logits, b, image_lo)) * k, n + k
-    return tot / n
+    return rank_mean(tot / n, n)
+
+
+def kv_cache(model):
+    """A KV cache for decoding with the hf backbone (transformers' DynamicCache); the tiny model recomputes."""
+    return hf_module().DynamicCache() if isinstance(model, HFLM) else None
+
+
+def next_logits(model, seq: torch.Tensor, route: torch.Tensor, prompt=None, cache=None) -> torch.Tensor:
+    """Logits [B, V] of the token after seq; with a KV cache only the tokens it has not seen are fed (each keeps
+    the route it was encoded with)."""
+    if cache is None:
+        return model(seq, route, prompt)[:, -1]
+    seen = cache.get_seq_length()
+    return model(seq[:, seen:], route[:, seen:], None, cache)[:, -1]
 
 
 @torch.no_grad()
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
     """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle of the
     world; attrs = (colour, shape[, world]) of the prompts."""
+    world = attrs[2] if len(attrs) > 2 else "default"
+    mine = eval_rows({"prompts": prompts, "colour": attrs[0], "shape": attrs[1], "gumbel": gumbel}, model)
+    prompts, attrs, gumbel = mine["prompts"], (mine["colour"], mine["shape"]), mine["gumbel"]
     seq = prompts.clone()
     last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
-    sel = prompt_for(model, prompts, last)  # DualPrompt: selected once, from the input
+    sel, cache = prompt_for(model, prompts, last), kv_cache(model)  # DualPrompt: selected once, from the input
     for i in range(gumbel.shape[1]):
         route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
-        logits = model(seq, route, sel)[:, -1, image_lo:]
+        logits = next_logits(model, seq, route, sel, cache)[:, image_lo:]
         common.require_finite(logits, "gen_match logits", where)
         seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
-    world = attrs[2] if len(attrs) > 2 else "default"
     codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_WORLDS[world][2]  # --answers multi shifts the ids
     ok, col, shp = data.mode_read_image(codes.cpu().numpy(), world)
-    return float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1])))
+    return rank_mean(float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1]))), len(prompts))
 
 
-def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None) -> dict:
+def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None,
+             max_new: int = MAX_NEW_TOKENS, chunk: int = 512) -> dict:
     """One row: (closed-set, open) accuracy per task under both routings (answers[t] = t's answer vocabulary),
     greedy exact match when eos is given (--answers multi), and the generation metrics."""
     model.eval()
     row = {}
     for suffix, official in ROUTINGS:
-        acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], where=f"{where} {t}")
+        acc = [vqa_accuracy(model, streams[f"{t}_test"], scheme, image_lo, official, answers[t], chunk, f"{where} {t}")
                for t in tasks]
         row["acc" + suffix], row["acc_open" + suffix] = [a[0] for a in acc], [a[1] for a in acc]
         if eos is not None:
             row["acc_exact" + suffix] = [exact_match(model, streams[f"{t}_test"], scheme, image_lo, official, eos,
-                                                     where=f"{where} {t}") for t in tasks]
+                                                     chunk, f"{where} {t}", max_new) for t in tasks]
     if model.prompts is not None:
         row["dp_selection_acc"] = [dp_selection_acc(model, streams[f"{t}_test"], j) for j, t in enumerate(tasks)]
-    row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, where=where)
+    row["gen_nll"] = generation_nll(model, streams["reference_test"], scheme, image_lo, chunk, where)
     row["gen_match"] = generation_match(model, *gen_probe, scheme, image_lo, where) if gen_probe else None
     model.train()
     return row
 
 
 @torch.no_grad()
-def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where=""):
-    """MAX_NEW_TOKENS greedy tokens after the first q tokens; image ids masked (the official inference-text mask),
-    generated tokens routed as text; DualPrompt's prefix selected once from the question."""
-    seq, mod = b["tokens"][:, :q], b["modality"][:, :q]
+def greedy_decode(model, b: Dict[str, torch.Tensor], scheme, image_lo: int, official: bool, q: int, where="",
+                  n: int = MAX_NEW_TOKENS):
+    """n greedy tokens after the first q tokens; image ids masked (the official inference-text mask), generated
+    tokens routed as text; DualPrompt's prefix selected once from the question; hf: with a KV cache."""
+    seq, mod, cache = b["tokens"][:, :q], b["modality"][:, :q], kv_cache(model)
     prompt = prompt_for(model, seq, torch.full((len(seq),), q - 1, device=seq.device))
-    for _ in range(MAX_NEW_TOKENS):
-        logits = model(seq, route_for({"modality": mod}, scheme, "eval", official), prompt)[:, -1, :image_lo]
-        common.require_finite(logits, "exact match logits", where)
-        seq, mod = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1), F.pad(mod, (0, 1))
+    for _ in range(n):
+        logits = next_logits(model, seq, route_for({"modality": mod}, scheme, "eval", official), prompt, cache)
+        is_img = is_image_id(torch.arange(logits.shape[-1], device=seq.device), image_lo)
+        common.require_finite(logits[:, ~is_img], "exact match logits", where)
+        nxt = logits.masked_fill(is_img, float("-inf")).argmax(-1, keepdim=True)
+        seq, mod = torch.cat([seq, nxt], 1), F.pad(mod, (0, 1))
     return seq[:, q:]
 
 
-def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="") -> float:
-    """Percent of sequences whose greedy decode up to and including the first <eos> equals the answer (which ends
-    with its only <eos>; a right value without <eos> in MAX_NEW_TOKENS tokens is wrong)."""
-    hits = []
+def exact_match(model, stream, scheme, image_lo, official, eos, chunk=512, where="", n=MAX_NEW_TOKENS) -> float:
+    """Percent of sequences whose greedy decode of n tokens, up to and including the first <eos>, equals the answer
+    (which ends with its only <eos>; a right value without <eos> in n tokens is wrong)."""
+    hits, stream = [], eval_rows(stream, model)
     for i in range(0, len(stream["tokens"]), chunk):
-        b = {k: v[i:i + chunk] for k, v in stream.items()}
-        q = int(query_pos(b)[0]) + 1
-        gen = greedy_decode(model, b, scheme, image_lo, official, q, where)
-        target, mask = b["tokens"][:, q:q + MAX_NEW_TOKENS], b["loss_mask"][:, q:q + MAX_NEW_TOKENS].bool()
-        assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
-        hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
-    return 100.0 * float(torch.cat(hits).float().mean())
+        c = {k: v[i:i + chunk] for k, v in stream.items()}
+        starts = query_pos(c) + 1
+        for q in starts.unique().tolist():  # questions of one length decode together
+            b = {k: v[starts == q] for k, v in c.items()}
+            target, mask = b["tokens"][:, q:], b["loss_mask"][:, q:].bool()
+            assert bool((target[mask] == eos).sum() == len(target)), "every answer ends with one <eos>"
+            gen = greedy_decode(model, b, scheme, image_lo, official, q, where, n)
+            gen = F.pad(gen, (0, target.shape[1]), value=-1)
+            hits.append(((gen[:, :target.shape[1]] == target) | ~mask).all(1))
+    return rank_mean(100.0 * float(torch.cat(hits).float().mean()), len(stream["tokens"]))
 
 
-def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R) -> dict:
+def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, R, chunk: int = 512) -> dict:
     """Where the forgetting flows (E1, closed-set): after the last task, the experts as applied at image (or text)
     tokens are restored to their state right after task j, and task j is scored; 'both' restores every token.
     None for DualPrompt (no per-token adapters)."""
@@ -959,7 +1043,8 @@ def path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots
     out = {"lost": [R[j + 1][j] - R[-1][j] for j in old]}
     for name, path in (("image", 1), ("text", 0), ("both", None)):
         out[f"restored_{name}"] = [vqa_accuracy(model, streams[f"{tasks[j]}_test"], scheme, image_lo, False,
-                                                answers[tasks[j]], restore=(snapshots[j], path))[0] for j in old]
+                                                answers[tasks[j]], chunk, restore=(snapshots[j], path))[0]
+                                   for j in old]
     model.train()
     return out
 
@@ -970,6 +1055,301 @@ def forgetting_share(attr: dict, R, path: str) -> Optional[float]:
         return None
     lost = sum(attr["lost"])
     return None if lost <= 0 else sum(r - R[-1][j] for j, r in enumerate(attr[f"restored_{path}"])) / lost
+
+
+# ----------------------------------------------------------------- hf backbone (transformers' Chameleon / Anole)
+HF_PIP = 'pip install "transformers>=4.43"'
+HF_MLP = ("gate_proj", "up_proj", "down_proj")
+NOT_SHARDED = ("cl-moe", "model-tailor")  # their after-task steps edit whole expert tensors: not under FSDP2
+
+
+class Route:
+    """The route every ExpertLinear of an HFLM reads: LongTensor [B, S] (0 text side, 1 image side) or None."""
+
+    def __init__(self):
+        self.value = None
+
+
+@dataclass
+class Dist:
+    """Data parallelism of an HFLM: kind (none | ddp | fsdp), rank, world size and the module training passes go
+    through (DDP's wrapper; FSDP2 shards the model in place)."""
+    kind: str = "none"
+    rank: int = 0
+    world: int = 1
+    net: Optional[nn.Module] = None
+
+
+class HFLM(nn.Module):
+    """transformers' ChameleonForConditionalGeneration behind UnifiedLM's call model(tokens, route): each decoder
+    layer's mlp.gate/up/down_proj wrapped in an ExpertLinear; logits = lm_head(final hidden states), since the
+    upstream .logits set every image id to finfo.min. The route stays set after a forward (`hf_step`)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf, self.holder, self.prompts, self.dist = hf, Route(), None, Dist()
+        for layer in hf.model.layers:
+            for name in HF_MLP:
+                old = getattr(layer.mlp, name)
+                setattr(layer.mlp, name, ExpertLinear(old.in_features, old.out_features, old, self.holder))
+        self.cache_kw = "cache" if "cache" in inspect.signature(hf.model.forward).parameters else "past_key_values"
+
+    def forward(self, tokens: torch.Tensor, route=None, prompt=None, cache=None) -> torch.Tensor:
+        assert prompt is None, "DualPrompt runs on the tiny backbone only"
+        self.holder.value = route
+        kw = {"use_cache": cache is not None} | ({self.cache_kw: cache} if cache is not None else {})
+        return self.hf.lm_head(self.hf.model(input_ids=tokens, **kw).last_hidden_state)
+
+    def expert_layers(self) -> List[ExpertLinear]:
+        return [m for m in self.modules() if isinstance(m, ExpertLinear)]
+
+
+def hf_module():
+    """transformers, imported only for --backbone hf; without it (or its Chameleon): exit 2 with the pip command."""
+    try:
+        import transformers  # optional extra
+    except ImportError:
+        common.die(f"--backbone hf needs the optional package transformers (Chameleon classes): {HF_PIP}")
+    if not hasattr(transformers, "ChameleonForConditionalGeneration"):
+        common.die(f"--backbone hf: transformers {transformers.__version__} has no Chameleon classes: {HF_PIP}")
+    return transformers
+
+
+def chameleon_vocabulary(image_ids: List[int], vocab: int, boi: int, eoi: int) -> Dict[str, int]:
+    """Token names in Chameleon's convention: image code k is IMGIMG<digits of k as letters A-J>Z, BOI is
+    <racm3:break>, EOI <eoss>; transformers derives the image ids from these names."""
+    names = {"IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(k)) + "Z": i for k, i in enumerate(image_ids)}
+    special = {n: i for n, i in (("<racm3:break>", boi), ("<eoss>", eoi)) if i is not None}
+    taken = set(image_ids) | set(special.values())
+    return names | {f"<text{i}>": i for i in range(vocab) if i not in taken} | special
+
+
+def tiny_chameleon(args: Args, vocab: int, image_lo, special: Dict[str, int]) -> "HFLM":
+    """--hf-tiny-random: a Chameleon sized like the tiny model; its (unused) VQ encoder as small as GroupNorm(32)
+    allows."""
+    tf = hf_module()
+    image_ids = is_image_id(torch.arange(vocab), image_lo).nonzero().flatten().tolist()
+    vq = dict(embed_dim=4, num_embeddings=len(image_ids), latent_channels=4, resolution=16, base_channels=32,
+              channel_multiplier=[1], num_res_blocks=1)
+    cfg = tf.ChameleonConfig(
+        vocab_size=vocab, hidden_size=args.d_model, intermediate_size=args.d_ff, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads, max_position_embeddings=args.max_len,
+        vocabulary_map=chameleon_vocabulary(image_ids, vocab, special["boi_id"], special["eoi_id"]), vq_config=vq)
+    return HFLM(tf.ChameleonForConditionalGeneration(cfg))
+
+
+def load_chameleon(args: Args, device) -> "HFLM":
+    """--hf-model DIR: transformers' own classes, local files only (validate_hf checked DIR before)."""
+    tf = hf_module()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    kw = {"dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype": hf_dtype(args, device)}
+    hf = tf.ChameleonForConditionalGeneration.from_pretrained(args.hf_model, local_files_only=True, **kw)
+    c = hf.config
+    print(f"loaded {args.hf_model}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+          f"{c.num_attention_heads} heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}")
+    return HFLM(hf).to(device)
+
+
+def hf_dtype(args: Args, device) -> torch.dtype:
+    auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return auto if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def dist_kind(args: Args) -> str:
+    if args.dist != "auto":
+        return args.dist
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+
+
+def init_dist(args: Args) -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo otherwise) unless --dist none."""
+    if dist_kind(args) == "none" or dist.is_initialized():
+        return
+    cuda = args.cuda and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def is_writer() -> bool:
+    """Only rank 0 (or a single process) writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def full_tensor(v: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank calls it); other tensors as they are."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def parallelize(model: "HFLM", args: Args) -> None:
+    """Gradient checkpointing (non-reentrant: the reentrant form fails with a frozen base), then DDP or FSDP2
+    (every decoder layer, then the root)."""
+    if args.gradient_checkpointing and hasattr(model.hf, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.hf.activation_checkpointing_enable({"use_reentrant": False})
+    elif args.gradient_checkpointing:
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kind = dist_kind(args)
+    model.dist = Dist(kind, *((dist.get_rank(), dist.get_world_size()) if kind != "none" else (0, 1)), model)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        model.dist.net = DistributedDataParallel(model, broadcast_buffers=False)
+    elif kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.hf.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+
+def local_rows(batch: Dict[str, torch.Tensor], d: Dist) -> Dict[str, torch.Tensor]:
+    """Rank r's rows [r B / W, (r + 1) B / W) of a global batch that every rank drew alike."""
+    n = len(batch["tokens"])
+    return {k: v[d.rank * n // d.world:(d.rank + 1) * n // d.world] for k, v in batch.items()}
+
+
+@contextmanager
+def grad_sync(d: Dist, on: bool):
+    """Gradients are reduced across ranks in a step's last backward only (DDP no_sync, FSDP2 gradient sync off)."""
+    if d.kind == "fsdp":
+        d.net.set_requires_gradient_sync(on)
+    if d.kind == "ddp" and not on:
+        with d.net.no_sync():
+            yield
+    else:
+        yield
+
+
+def hf_step(model: "HFLM", task_batch, ref_batch, scheme, args: Args, image_lo, kd_gen=None):
+    """Eq. (L_total) on the hf backbone, gradients accumulated pass by pass. CRUCIAL: each routed pass runs forward
+    and backward with its route unchanged; gradient checkpointing recomputes the MLPs in backward with the route set
+    then, so one backward after both passes would silently use the wrong experts. Each rank takes its rows of the
+    global batch; losses are sums over its targets / (global target count / world), as DDP and FSDP average."""
+    d = model.dist
+    tb = local_rows(task_batch, d)
+    with grad_sync(d, not scheme["kd"]):
+        ce = lm_loss(d.net(tb["tokens"], route_for(tb, scheme, "task")), tb, image_lo,
+                     float(task_batch["loss_mask"][:, 1:].sum()) / d.world)
+        ce.backward()
+    kd = torch.zeros((), device=ce.device)
+    if scheme["kd"]:
+        rb = local_rows(ref_batch, d)
+        with torch.no_grad():
+            teacher = model(rb["tokens"], None)  # frozen pre-trained model = experts bypassed
+        n_ref = ref_batch["loss_mask"][:, 1:].numel() if args.official_kd_all_positions \
+            else ref_batch["loss_mask"][:, 1:].sum()
+        with grad_sync(d, True):
+            kd = kd_loss(kd_student(d.net, rb, scheme, kd_gen), teacher, rb, image_lo, args.kd_temperature,
+                         args.official_kd_double_temperature, args.official_kd_all_positions, float(n_ref) / d.world)
+            (args.kd_lambda * kd).backward()
+    model.holder.value = None
+    ce, kd = ce.detach(), kd.detach()
+    return ce + args.kd_lambda * kd, ce, kd
+
+
+def model_state(model) -> dict:
+    """What checkpoints hold: the tiny model's whole state; of the hf backbone the method's tensors only (experts,
+    routers, patches), whole (FSDP2 shards them)."""
+    if not isinstance(model, HFLM):
+        return model.state_dict()
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items() if is_expert(k)}
+
+
+def all_ranks(flag: bool) -> bool:
+    """flag on every rank (FSDP2: each rank checks its own shard)."""
+    if not dist.is_initialized():
+        return flag
+    return bool(reduced([float(flag)], dist.ReduceOp.MIN)[0])
+
+
+def eval_rows(rows: Dict[str, object], model) -> Dict[str, object]:
+    """DDP: this rank's rows r::W of an evaluation batch (every value has N rows). FSDP2 needs every rank in every
+    forward, so there (and with fewer than W rows) each rank takes all rows."""
+    d, n = getattr(model, "dist", None), len(next(iter(rows.values())))
+    if d is None or d.kind != "ddp" or n < d.world:
+        return rows
+    return {k: v[d.rank::d.world] for k, v in rows.items()}
+
+
+def rank_mean(value: float, weight: float) -> float:
+    """The mean of per-rank means weighted by the rows (or targets) each rank scored; one process: value."""
+    if not dist.is_initialized():
+        return value
+    total, n = reduced([value * weight, weight], dist.ReduceOp.SUM)
+    return total / n
+
+
+def reduced(values: List[float], op) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def validate_hf(args: Args) -> None:
+    """--backbone hf and --dist checks (exit 2 naming the flag, before anything is written)."""
+    if args.backbone == "tiny":
+        for f, bad in (("hf_model", args.hf_model is not None), ("hf_tiny_random", args.hf_tiny_random),
+                       ("dtype", args.dtype != "auto"), ("gradient_checkpointing", args.gradient_checkpointing),
+                       ("dist", dist_kind(args) != "none")):
+            common.require(not bad, f, "needs --backbone hf" + (" (auto = ddp under torchrun)" if f == "dist" else ""))
+        return
+    hf_module()
+    common.require((args.hf_model is not None) != args.hf_tiny_random, "hf_model",
+                   "--backbone hf needs exactly one of --hf-model DIR and --hf-tiny-random")
+    common.require(args.method != "dualprompt", "method",
+                   "dualprompt needs the tiny decoder's attention (prefix keys/values); not on --backbone hf")
+    common.require(not (args.gradient_checkpointing and args.method == "cl-moe"), "gradient_checkpointing",
+                   "cl-moe counts expert usage in every training forward; the recomputation would count it twice")
+    if args.hf_model is not None:
+        validate_hf_dir(args)
+    validate_dist(args)
+
+
+def validate_hf_dir(args: Args) -> None:
+    cfg = os.path.join(args.hf_model, "config.json")
+    common.require(os.path.isdir(args.hf_model), "hf_model", f"{args.hf_model} is not a directory")
+    try:
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as e:
+        common.die(f"--hf-model: cannot read {cfg} ({e})")
+    common.require(model_type == "chameleon", "hf_model", f"{cfg}: model_type {model_type!r}, expected 'chameleon'")
+    common.require(args.data_dir is not None, "data_dir",
+                   "--hf-model needs --data-dir in the model's own token ids (the built-in world has 52 ids)")
+
+
+def check_hf_vocab(args: Args, vocab: int, image_lo, special: dict) -> None:
+    """--hf-model: meta.json must describe the model's vocabulary: its size, the image ids (the IMGIMG names) and
+    BOI / EOI (<racm3:break> / <eoss>) where given. Exit 2 before anything is written."""
+    with open(os.path.join(args.hf_model, "config.json")) as f:
+        cfg = json.load(f)
+    names = cfg.get("vocabulary_map") or {}
+    image = sorted(i for n, i in names.items() if n.startswith("IMGIMG"))
+    ours = is_image_id(torch.arange(vocab), image_lo).nonzero().flatten().tolist()
+    common.require(cfg.get("vocab_size") == vocab, "data_dir",
+                   f"meta.json vocab_size {vocab} != {cfg.get('vocab_size')} of --hf-model")
+    common.require(image == ours, "data_dir", f"meta.json image ids ({len(ours)} from {ours[0]}) differ from the "
+                   f"{len(image)} IMGIMG tokens of --hf-model" + (f" (from {image[0]})" if image else ""))
+    for key, name in (("boi_id", "<racm3:break>"), ("eoi_id", "<eoss>")):
+        common.require(special.get(key) in (None, names.get(name)), "data_dir",
+                       f"meta.json {key} {special.get(key)} != the id of {name} in --hf-model ({names.get(name)})")
+    print(f"--hf-model vocabulary: {vocab} ids, image ids {image[0]}..{image[-1]} ({len(image)})")
+
+
+def validate_dist(args: Args) -> None:
+    kind, world = dist_kind(args), int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "none":
+        return
+    common.require("RANK" in os.environ, "dist", f"{kind} runs under torchrun (torchrun --nproc_per_node N mode.py)")
+    common.require(args.resume is None, "resume", "not with --dist ddp/fsdp")
+    for f in ("batch_size", "kd_batch_size"):
+        common.require(getattr(args, f) % world == 0, f, f"must be divisible by the {world} ranks")
+    if kind == "fsdp":
+        common.require(args.method not in NOT_SHARDED, "method", f"{args.method} runs with --dist ddp or none")
+        common.require(args.conflict_every == 0, "conflict_every",
+                       "must be 0 with --dist fsdp (the gradient check differentiates w.r.t. unsharded parameters)")
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            common.die(f"--dist: fsdp needs torch.distributed.fsdp.fully_shard (torch {torch.__version__} lacks it)")
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -997,15 +1377,17 @@ def pretrain(model: UnifiedLM, stream, args: Args, image_lo: int, gen: torch.Gen
             common.log_scalars(loggers, {"pretrain/loss": loss.item()}, step + 1)
 
 
-def new_model(args: Args, vocab: int, device) -> UnifiedLM:
+def new_model(args: Args, vocab: int, device, image_lo=None, special=None):
     torch.manual_seed(args.seed)
+    if args.backbone == "hf":
+        return tiny_chameleon(args, vocab, image_lo, special).to(device)
     return UnifiedLM(vocab, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.max_len).to(device)
 
 
-def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, source: str, loggers: dict):
+def load_or_pretrain(args: Args, vocab: int, streams, image_lo, device, source: str, loggers: dict, special=None):
     """Return (pre-trained model, seconds spent pre-training (0 when loaded), cache path)."""
     path = os.path.join(args.pretrain_cache_dir, f"{config_hash(args, source)}.pt")
-    model = new_model(args, vocab, device)
+    model = new_model(args, vocab, device, image_lo, special)
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         print(f"loaded pre-trained model from {path}")
@@ -1014,28 +1396,38 @@ def load_or_pretrain(args: Args, vocab: int, streams, image_lo: int, device, sou
     with sw:
         g = torch.Generator().manual_seed(args.seed + 1)  # kept (with the init seed): cached models stay valid
         pretrain(model, streams["pretrain"], args, image_lo, g, loggers)
-    os.makedirs(args.pretrain_cache_dir, exist_ok=True)
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if is_writer():
+        os.makedirs(args.pretrain_cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
     print(f"pre-trained in {sw.total:.1f}s, cached at {path}")
     return model, sw.total, path
 
 
-def build(args: Args, np_streams, streams, vocab: int, image_lo: int, device, scheme: dict, ckpt, loggers,
-          n_tasks: int):
+def build(args: Args, np_streams, streams, vocab: int, image_lo, device, scheme: dict, ckpt, loggers,
+          n_tasks: int, special=None):
     """The pre-trained model with the method's experts: (model, trainable, base hashes, pretrain s, cache path).
-    --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed."""
-    if ckpt is None:
+    --resume: the checkpoint's full weights and stored hashes, so the pre-training cache is not needed (hf: the
+    checkpoint holds the experts only; the base comes from --hf-model or the cache)."""
+    if args.hf_model is not None:
+        model, pretrain_s, cache = load_chameleon(args, device), 0.0, os.path.abspath(args.hf_model)
+    elif ckpt is None or args.backbone == "hf":
         pre = np_streams["pretrain"]  # the cache key covers the pre-training data itself, not just its path
         source = hashlib.sha1(b"".join(np.ascontiguousarray(pre[f]).tobytes() for f in FIELDS)).hexdigest()
-        model, pretrain_s, cache = load_or_pretrain(args, vocab, streams, image_lo, device, source, loggers)
+        model, pretrain_s, cache = load_or_pretrain(args, vocab, streams, image_lo, device, source, loggers, special)
     else:
         model, pretrain_s, cache = new_model(args, vocab, device), ckpt["timing"]["pretrain"], ckpt["pretrain_cache"]
+    if args.backbone == "hf":
+        model.hf.to(hf_dtype(args, device))
     # TRY NOT TO MODIFY: the frozen base + experts of the chosen method
     torch.manual_seed(common.derive_seed(args.seed, "init/experts"))
     trainable = add_experts(model, args, scheme, n_tasks)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=args.backbone == "tiny")
+        pretrain_s = ckpt["timing"]["pretrain"]
+    if args.backbone == "hf":
+        parallelize(model, args)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensors
     base = base_hashes(model) if ckpt is None else ckpt["base_sha1"]
     print(f"method {method_tag(args)} {scheme}: {sum(p.numel() for p in trainable)} trainable / "
           f"{sum(p.numel() for p in model.parameters())} parameters")
@@ -1074,9 +1466,12 @@ def train_task(model, trainable, streams, k: int, task: str, scheme, args: Args,
             g["lr"] = args.dp_lr if dp else args.lr * warmup_cosine(step, args.steps_per_task, 0.1)
         tb = sample_batch(streams[f"{task}_train"], args.batch_size, gens["batches"])
         rb = sample_batch(streams["reference_train"], args.kd_batch_size, gens["reference"]) if scheme["kd"] else None
-        loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if isinstance(model, HFLM):  # a backward per routed pass, data parallel
+            loss, ce, kd = hf_step(model, tb, rb, scheme, args, image_lo, gens["reference"])
+        else:
+            loss, ce, kd = task_step_loss(model, tb, rb, scheme, args, image_lo, gens["reference"])
+            loss.backward()
         nn.utils.clip_grad_norm_(trainable, args.dp_max_grad_norm if dp else args.max_grad_norm)
         opt.step()
         sums += torch.stack([loss, ce, kd]).detach()  # device-side sums: no host sync per step on a GPU
@@ -1154,21 +1549,40 @@ def print_results(rows, tasks, summary, timing) -> None:
 
 # ----------------------------------------------------------------------------- main
 def load_data(args: Args):
-    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id); bad data: exit 2."""
+    """(streams as numpy, task names (the first --num-tasks), vocab size, first image id or a bool table [V] of image
+    ids (image_token_ranges not at the vocabulary's end), special ids {boi_id, eoi_id, pad_id}); bad data: exit 2."""
     try:
         if args.data_dir is None:
             streams = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test, world=args.world)
-            tasks, vocab, image_lo = data.MODE_WORLDS[args.world]
+            (tasks, vocab, image_lo), special = data.MODE_WORLDS[args.world], data.MODE_SPECIAL
             if args.answers == "multi":
                 streams = multi_answer_world(streams)
                 vocab, image_lo = vocab + len(MULTI_WORDS), image_lo + len(MULTI_WORDS)
         else:
             meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
-            tasks, vocab, image_lo = meta["tasks"], meta["vocab_size"], meta["image_token_start"]
+            tasks, vocab, image_lo, special = meta["tasks"], meta["vocab_size"], meta["image_token_start"], meta
+            if meta["image_ids"] != list(range(image_lo, vocab)):
+                image_lo = torch.zeros(vocab, dtype=torch.bool)
+                image_lo[meta["image_ids"]] = True
     except data.DataError as e:
         common.die(str(e))
     common.require(args.num_tasks <= len(tasks), "num_tasks", f"must be in [0, {len(tasks)}] (got {args.num_tasks})")
-    return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo
+    return streams, list(tasks[: args.num_tasks or len(tasks)]), vocab, image_lo, special
+
+
+def backbone_tag(args: Args) -> str:
+    """The results' backbone: tiny, hf-tiny-random or hf-<weights dir>."""
+    if args.backbone == "tiny":
+        return "tiny"
+    return "hf-tiny-random" if args.hf_tiny_random else "hf-" + os.path.basename(os.path.normpath(args.hf_model))
+
+
+def run_slot(args: Args) -> str:
+    """The run name's backbone slot: the backbone, with a non-default world in its place (tiny) or after it (hf)."""
+    tag = backbone_tag(args)
+    if args.world == "default":
+        return tag
+    return args.world if tag == "tiny" else f"{tag}-{args.world}"
 
 
 def multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
@@ -1201,7 +1615,7 @@ def validate(args: Args) -> None:
     """Every hyperparameter check, before anything is written: exit 2 with 'error: --flag: problem'."""
     for f in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "conflict_batch_size",
               "lora_rank", "num_experts", "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads",
-              "d_ff", "max_len", "log_every"):
+              "d_ff", "max_len", "log_every", "eval_max_new_tokens", "eval_batch_size"):
         common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
     for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads"):
         common.require(getattr(args, f) >= 0, f, f"must be >= 0 (got {getattr(args, f)})")
@@ -1210,6 +1624,7 @@ def validate(args: Args) -> None:
     common.require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {args.lora_dropout})")
     common.require(args.d_model % args.n_heads == 0, "n_heads", f"must divide --d-model {args.d_model}")
     validate_baselines(args)
+    validate_hf(args)
     common.require(args.answers == "single" or args.data_dir is None, "answers",
                    "multi needs the built-in data (its answers are rewritten as `it is <value> <eos>`)")
     common.require(args.world in data.MODE_WORLDS, "world",
@@ -1218,8 +1633,10 @@ def validate(args: Args) -> None:
                    f"{args.world} is a built-in world; it cannot be combined with --data-dir")
     common.require(args.answers == "single" or args.world == "default", "answers",
                    f"multi is only available in the default world (got --world {args.world})")
-    common.require(args.answers == "single" or args.max_len >= QUESTION_LEN + 5, "max_len",
-                   f"must be >= {QUESTION_LEN + 5} with --answers multi (got {args.max_len})")
+    need = QUESTION_LEN + max(5, args.eval_max_new_tokens - 1)  # the answers; the decoded positions
+    common.require(args.answers == "single" or args.max_len >= need, "max_len",
+                   f"must be >= {need} with --answers multi and --eval-max-new-tokens "
+                   f"{args.eval_max_new_tokens} (got {args.max_len})")
     common.require(args.data_dir is not None or args.max_len >= 24, "max_len",
                    f"must be >= 24 for the built-in data (its sequences have 24 tokens; got {args.max_len})")
 
@@ -1244,15 +1661,19 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: setup
     validate(args)
     common.check_extras(args)
-    np_streams, tasks, vocab, image_lo = load_data(args)
+    np_streams, tasks, vocab, image_lo, special = load_data(args)
+    if args.hf_model is not None:
+        check_hf_vocab(args, vocab, image_lo, special)
+    init_dist(args)
     gen = common.seed_everything(args.seed, args.torch_deterministic)
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
+    image_lo = image_lo if isinstance(image_lo, int) else image_lo.to(device)
     method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
-    slot = "tiny" if args.world == "default" else args.world  # a non-default world in the backbone slot
-    name = common.run_name("mode", method, common.data_tag(args.data_dir), slot, args.seed)
-    run_dir, ckpt = common.open_run(args, name, "mode")
-    loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1))
+    name = common.run_name("mode", method, common.data_tag(args.data_dir), run_slot(args), args.seed)
+    run_dir, ckpt = common.open_run(args, name, "mode") if is_writer() else (None, None)  # only rank 0 writes
+    loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1)) \
+        if is_writer() else {}
     print(f"run {name} -> {run_dir} (device: {device})")
     gens = generators(args.seed, gen)
     t_start = time.perf_counter() - (ckpt["timing"]["total"] if ckpt else 0.0)
@@ -1260,14 +1681,15 @@ def main(args: Args) -> dict:
     streams = {k: to_tensors({f: v[f] for f in FIELDS}, device) for k, v in np_streams.items()}
     scheme = scheme_of(args)
     model, trainable, base_sha1, pretrain_s, cache = build(args, np_streams, streams, vocab, image_lo, device,
-                                                           scheme, ckpt, loggers, len(tasks))
+                                                           scheme, ckpt, loggers, len(tasks), special)
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
-    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else None
+    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else special["eos_id"]
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
-        rows, conflicts, snapshots, done = [evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe,
-                                                     "row 0", eos)], [], [], 0
+        row0 = evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, "row 0", eos,
+                        args.eval_max_new_tokens, args.eval_batch_size)
+        rows, conflicts, snapshots, done = [row0], [], [], 0
         state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
     else:
@@ -1285,21 +1707,25 @@ def main(args: Args) -> dict:
             after_task(model, args, streams, k, task, gens, state, snapshots)
         snapshots.append(expert_snapshot(model))  # the experts right after task k, for the path attribution
         with eval_sw:
-            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos))
+            rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos,
+                                 args.eval_max_new_tokens, args.eval_batch_size))
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}
-        if args.save_model:
-            torch.save({"model": model.state_dict(), "task": k + 1, "args": vars(args)},
+        weights = model_state(model)  # FSDP2: a collective, on every rank
+        if args.save_model and is_writer():
+            torch.save({"model": weights, "task": k + 1, "args": vars(args)},
                        os.path.join(run_dir, f"model_after_{task}.pt"))
-        common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
-            "model": model.state_dict(), "rng": common.rng_state(gens), "rows": rows,
-            "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
-            "pretrain_cache": cache, "timing": timing})
+        if is_writer():
+            common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
+                "model": weights, "rng": common.rng_state(gens), "rows": rows,
+                "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
+                "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results
     with eval_sw:
-        attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows])
+        attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows],
+                                args.eval_batch_size)
     summary = summarize(rows, conflicts, attr)
     timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
               "total": time.perf_counter() - t_start}
@@ -1309,18 +1735,23 @@ def main(args: Args) -> dict:
              "scheme": scheme, "clmoe_usage": [u.tolist() for u in state["usage"]] or None,
              "dp_selection_acc": [r["dp_selection_acc"] for r in rows] if model.prompts is not None else None,
              "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
-             "base_weights_unchanged": base_hashes(model) == base_sha1}
+             "base_weights_unchanged": all_ranks(base_hashes(model) == base_sha1)}
     res = common.results_envelope(
-        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir), backbone="tiny",
-        seed=args.seed, run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
+        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir),
+        backbone=backbone_tag(args), seed=args.seed,
+        run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
         device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
         summary=summary, timing_s=timing)
-    common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
-    common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
-    if args.plot:
-        common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks, "accuracy, closed-set (E1), percent")
-    common.close_loggers(loggers)
-    common.finish_run(run_dir, args.save_model)
+    if is_writer():
+        common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
+        common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
+        if args.plot:
+            common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks,
+                               "accuracy, closed-set (E1), percent")
+        common.close_loggers(loggers)
+        common.finish_run(run_dir, args.save_model)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return res
 
 

@@ -1,6 +1,7 @@
 """Behavioural tests for mode.py (MoDE): routing, frozen base, identity init, KD, overfitting, both evaluation
 routings, non-finite metrics, end to end, results envelope, resume after SIGKILL, divergence, validation."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 
 import common
@@ -55,6 +57,26 @@ def test_routing_text_and_image_tokens_reach_only_their_experts():
         model(tokens, torch.full_like(tokens, route_value)).square().mean().backward()
         assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in zero_side)
         assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in live_side)
+
+
+def test_one_expert_class_for_both_backbones_route_from_a_holder_and_a_bfloat16_base():
+    torch.manual_seed(0)
+    a = mode.ExpertLinear(8, 6)
+    a.add_experts(4, 8.0, 0.0, 2, True)
+    with torch.no_grad():
+        a.B_t.normal_(0, 0.1), a.B_v.normal_(0, 0.1)
+    x, route = torch.randn(3, 5, 8), torch.randint(0, 2, (3, 5))
+    b = copy.deepcopy(a)
+    b.holder = mode.Route()  # the hf backbone: transformers' MLP passes only x
+    b.holder.value = route
+    assert torch.equal(b(x), a(x, route)) and not torch.equal(a(x, route), a.base(x))
+    b.holder.value = None  # the teacher: the holder wins over a route argument
+    assert torch.equal(b(x, route), a.base(x))
+    c = copy.deepcopy(a)
+    c.base.to(torch.bfloat16)  # experts stay float32 and compute in float32
+    xb = x.bfloat16()
+    delta = a(xb.float(), route) - a.base(xb.float())
+    assert c.A_t.dtype == torch.float32 and torch.equal(c(xb, route), c.base(xb) + delta.bfloat16())
 
 
 def test_generation_gradient_never_reaches_the_text_experts_but_does_for_coupled_lora():
@@ -467,7 +489,8 @@ BAD_ARGS = [
     (dict(moe_split_rank=True, lora_rank=6), "--moe-split-rank"), (dict(clmoe_momentum=1.5), "--clmoe-momentum"),
     (dict(method="dualprompt", dp_e_layers=(1, 4)), "--dp-e-layers"), (dict(dp_lr=0.0), "--dp-lr"),
     (dict(tailor_keep=-0.1), "--tailor-keep"), (dict(tailor_samples=0), "--tailor-samples"),
-    (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
+    (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", eval_max_new_tokens=13), "--max-len"),
+    (dict(eval_max_new_tokens=0), "--eval-max-new-tokens"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
 ]
 
 
@@ -860,14 +883,17 @@ def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
     assert score(it_is_red + [EOS]) == 100.0
     assert score(it_is_red + [it_is_red[-1]]) == 0.0  # the right value, no <eos> within the budget
     assert score(it_is_red[:2] + [EOS]) == 0.0
+    assert mode.exact_match(Scripted(it_is_red + [EOS]), b, scheme, MULTI_LO, False, EOS, n=3) == 0.0  # budget
     gen = mode.greedy_decode(Scripted(it_is_red + [EOS]), b, scheme, MULTI_LO, False, 21)
     assert gen.shape == (1, mode.MAX_NEW_TOKENS) and (gen < MULTI_LO).all()  # the image id scored 5 is masked
 
 
-def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
+def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model(monkeypatch):
     w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
     b = mode.to_tensors({f: np.concatenate([w[f"{t}_train"][f][:2] for t in ("textvqa", "vizwiz", "scienceqa")])
                          for f in mode.FIELDS}, "cpu")
+    short = {k: F.pad(torch.cat([v[:3, :19], v[:3, 20:]], 1), (0, 1)) for k, v in b.items()}  # <sep> dropped
+    b = {k: torch.cat([b[k], short[k]]) for k in b}  # two question lengths in one chunk
     torch.manual_seed(0)
     model = mode.UnifiedLM(MULTI_VOCAB, 32, 2, 4, 64, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
@@ -880,7 +906,15 @@ def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model():
     scheme = mode.scheme_of(mode.Args(method="seq-lora"))
     allowed = mode.answer_vocab(b, MULTI_VOCAB)
     assert mode.vqa_accuracy(model, b, scheme, MULTI_LO, False, allowed)[1] == 100.0
+    calls, greedy_decode = [], mode.greedy_decode
+
+    def spy(model, b, *a):
+        calls.append((a[3], len(b["tokens"])))  # (question length, rows)
+        return greedy_decode(model, b, *a)
+
+    monkeypatch.setattr(mode, "greedy_decode", spy)
     assert mode.exact_match(model, b, scheme, MULTI_LO, False, EOS) == 100.0
+    assert sorted(calls) == [(20, 3), (21, 6)]  # each question decodes from its own end
 
 
 def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
@@ -889,3 +923,58 @@ def test_multi_answers_end_to_end_adds_the_exact_match_matrices(tmp_path):
     assert set(res["matrices"]) == set(mode.MATRICES) and "answers=multi" in res["variant"]
     assert {"acc_exact", "forgetting_exact", "bwt_exact_official_routing"} <= set(res["summary"])
     assert res["matrices"]["acc_exact"] == res["matrices"]["acc_open"]  # greedy exact match = teacher-forced argmax
+
+
+def test_exported_world_modality_is_derived_from_the_ids_and_a_wrong_row_is_named(tmp_path):
+    d = tmp_path / "w"
+    data.export_mode_world(str(d), 0, n_pretrain=16, n_train=16, n_test=16)
+    meta, st = data.load_mode_dir(str(d), 32)
+    assert meta["image_ids"] == list(range(data.MODE_IMAGE_LO, data.MODE_VOCAB)) and meta["boi_id"] == 3
+    for name in data.MODE_STREAMS:
+        derived = np.isin(st[name]["tokens"], meta["image_ids"] + [meta["boi_id"], meta["eoi_id"]])
+        assert np.array_equal(derived, st[name]["modality"])
+    w = dict(np.load(d / "gqa_test.npz"))
+    w["modality"][7, 0] = 1
+    np.savez(d / "gqa_test.npz", **w)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 7: 'modality' differs"):
+        data.load_mode_dir(str(d), 32)
+
+
+def test_data_dir_eos_id_scores_exact_match_and_bad_ends_are_named(tmp_path):
+    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=32, n_train=32, n_test=16))
+    d, lo, eos = tmp_path / "m", MULTI_LO, EOS
+    d.mkdir()
+    meta = {"vocab_size": MULTI_VOCAB, "image_token_ranges": [[lo, MULTI_VOCAB]], "tasks": ["gqa", "vizwiz"],
+            "boi_id": 3, "eoi_id": 4, "pad_id": 0, "eos_id": eos}
+    (d / "meta.json").write_text(json.dumps(meta))
+    for name in ["pretrain", "reference_train", "reference_test", "gqa_train", "gqa_test", "vizwiz_train",
+                 "vizwiz_test"]:
+        np.savez(d / f"{name}.npz", **{f: w[name][f] for f in mode.FIELDS})
+    res = mode.main(mode.Args(data_dir=str(d), d_model=32, n_layers=1, d_ff=64, pretrain_steps=5, steps_per_task=3,
+                              n_test=16, pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "o"),
+                              log_every=1000))
+    assert "acc_exact" in res["matrices"] and len(res["matrices"]["acc_exact"]) == 3
+    st = dict(np.load(d / "gqa_test.npz"))
+    st["tokens"][5, st["loss_mask"][5].nonzero()[0][-1]] = 7  # the answer no longer ends with eos
+    np.savez(d / "gqa_test.npz", **st)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 5: the answer must end with its only eos_id"):
+        data.load_mode_dir(str(d), 32)
+    st["tokens"][5, st["loss_mask"][5].nonzero()[0][-1]], st["tokens"][6, 21] = eos, 0
+    np.savez(d / "gqa_test.npz", **st)
+    with pytest.raises(data.DataError, match="gqa_test.npz: row 6: a target token is pad_id 0"):
+        data.load_mode_dir(str(d), 32)
+
+
+def test_resume_of_a_run_from_before_a_flag_existed_takes_its_default(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = mode.Args(out_dir=str(run), num_tasks=2)
+    common.open_run(args, "x", "mode")
+    stored = json.loads((run / "args.json").read_text())
+    for new_flag in ("backbone", "eval_batch_size", "dist"):  # added after such a run started
+        stored.pop(new_flag)
+    (run / "args.json").write_text(json.dumps(stored))
+    common.save_checkpoint(str(run), "mode", args, 1, 2, {})
+    assert common._check_resume(mode.Args(out_dir=str(run), num_tasks=2, resume=str(run)), "mode")["done"] == 1
+    with pytest.raises(SystemExit) as e:
+        common._check_resume(mode.Args(out_dir=str(run), num_tasks=2, resume=str(run), eval_batch_size=4), "mode")
+    assert e.value.code == 2 and "eval_batch_size (4 != 512)" in capsys.readouterr().err

@@ -49,9 +49,9 @@ def foreground(st):
 
 # ----------------------------------------------------------------------------- the default world
 def test_default_world_vocabulary_streams_and_cache_key_are_unchanged():
-    streams, tasks, vocab, image_lo = mode.load_data(mode.Args())
+    streams, tasks, vocab, image_lo, special = mode.load_data(mode.Args())
     assert world_sha1(streams) == DEFAULT_WORLD_SHA1
-    assert (tasks, vocab, image_lo) == (data.MODE_TASKS, 52, 40)
+    assert (tasks, vocab, image_lo, special) == (data.MODE_TASKS, 52, 40, data.MODE_SPECIAL)
     source = hashlib.sha1(b"".join(streams["pretrain"][f].tobytes() for f in mode.FIELDS)).hexdigest()
     assert mode.config_hash(mode.Args(), source) == DEFAULT_CACHE_KEY  # caches made before the flag stay valid
     assert mode.config_hash(mode.Args(world=SV), source) != DEFAULT_CACHE_KEY
