@@ -461,9 +461,14 @@ def load_results(dirs: Sequence[str]) -> List[Tuple[str, dict]]:
 
 
 def _metric_value(res: dict, metric: str) -> Optional[float]:
+    """A summary key; time_<k> = seconds in timing_s[k]; just_trained_<m> = mean of R[k][k-1] of matrix m."""
     if metric.startswith("time_") and metric[5:] in res.get("timing_s", {}):
         v = res["timing_s"][metric[5:]]
         return float(sum(v)) if isinstance(v, list) else v
+    if metric.startswith("just_trained_") and metric[13:] in res.get("matrices", {}):
+        R = res["matrices"][metric[13:]]
+        diag = [R[k][k - 1] for k in range(1, len(R)) if R[k][k - 1] is not None]
+        return float(np.mean(diag)) if diag else None
     return res["summary"].get(metric)
 
 
@@ -552,7 +557,7 @@ def table(dirs: tyro.conf.Positional[List[str]], metrics: Optional[List[str]] = 
 
     Args:
         dirs: folders searched recursively for results.json
-        metrics: summary keys (and time_<k> for timing_s[k]) to show; default: every summary key
+        metrics: summary keys, time_<k> (seconds in timing_s[k]), just_trained_<m> (mean diagonal of matrix m)
         paired_with: reference configuration METHOD or METHOD:VARIANT for paired differences
         only: keep only configurations whose script/method/variant/data/backbone contains this text
         per_seed: append the per-seed values to each cell

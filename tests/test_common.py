@@ -225,3 +225,12 @@ def test_table_test_flag_adds_interval_and_p(tmp_path):
         _fake_run(tmp_path, "ref", seed, b, 0.0)
     text = common.table([str(tmp_path)], metrics=["acc"], paired_with="ref", paired_only=True, test=True)
     assert "+2.00 ± 0.58 (3/3) [-0.48, +4.48] p=0.250" in text
+
+
+def test_table_just_trained_is_the_mean_diagonal(tmp_path):
+    _fake_run(tmp_path, "x", 1, 50.0, 0.0)
+    path = tmp_path / "x__1" / "results.json"
+    res = json.loads(path.read_text())
+    res["matrices"] = {"acc": [[0.0, 0.0, 0.0], [80.0, 1.0, None], [40.0, 60.0, 9.0]]}  # R[1][0] = 80, R[2][1] = 60
+    path.write_text(json.dumps(res))
+    assert "| x | 1 | 70.00 |" in common.table([str(tmp_path)], metrics=["just_trained_acc"])
