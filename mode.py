@@ -229,7 +229,7 @@ class Args:
     gen_samples: int = 128
     """prompts sampled for the exact-attribute match (built-in data)"""
     save_samples: int = 0
-    """write samples_{pretrained,after_TASK}.npz: image token ids sampled for the first K reference_test prompts"""
+    """K > 0: samples_{pretrained,after_TASK}.npz, image token ids sampled for the first K reference_test prompts"""
     pretrain_cache_dir: str = "runs/mode_pretrained"
     """where the pre-trained model is cached (keyed by a hash of the pre-training config, seed and data)"""
     pretrain_steps: int = 1000
