@@ -31,6 +31,7 @@ Usage:
     python mode.py --data-dir my_tasks/     # your own tokenised streams (format below)
     python mode.py --world shared-visual    # a world whose five tasks all need the image path (below)
     python mode.py --resume runs/RUN_NAME   # continue a killed run from its last completed task
+    python mode.py --data-dir my_tasks/ --save-samples 8   # also save 8 sampled images' token ids per row
     python mode.py --backbone hf --hf-tiny-random                     # transformers' Chameleon, random, tiny
     python mode.py --backbone hf --hf-model /models/Anole-7b-v0.1-hf --data-dir my_tasks/ --dtype bfloat16
     torchrun --nproc_per_node 8 mode.py --backbone hf --hf-model ... --data-dir ... --dist ddp   # or fsdp
@@ -85,6 +86,8 @@ Outputs in runs/{run_name}/: args.json, cmd.txt, results.json (matrices acc, acc
 _official_routing twins; generation metrics, gradient checks, the expert scheme under "extra"), metrics.csv,
 checkpoint.pt after every task (deleted at the end unless --save-model). A run whose loss turns NaN/inf stops
 with exit code 1 and writes no results.json; bad arguments or data exit 2 before anything is written.
+--save-samples K adds samples_{pretrained,after_TASK}.npz: codes int32 [K, n_codes], the image token ids `sample_image`
+draws (fixed noise) for the first K reference_test prompts; n_codes = meta.json "image_seq_len", else the reference's.
 
 --data-dir format: meta.json {"vocab_size": V, "image_token_start": I, "tasks": [names]} (ids >= I are
 image codes) and one .npz per stream: pretrain, reference_train, reference_test, <task>_train,
@@ -225,6 +228,8 @@ class Args:
     """built-in data: default (CoIN-shaped tasks on colour, shape, background) or shared-visual (module docstring)"""
     gen_samples: int = 128
     """prompts sampled for the exact-attribute match (built-in data)"""
+    save_samples: int = 0
+    """K > 0: samples_{pretrained,after_TASK}.npz, image token ids sampled for the first K reference_test prompts"""
     pretrain_cache_dir: str = "runs/mode_pretrained"
     """where the pre-trained model is cached (keyed by a hash of the pre-training config, seed and data)"""
     pretrain_steps: int = 1000
@@ -959,23 +964,66 @@ def next_logits(model, seq: torch.Tensor, route: torch.Tensor, prompt=None, cach
 
 
 @torch.no_grad()
+def sample_image(model, prompts: torch.Tensor, n_codes: int, scheme, image_lo, gumbel, special: dict,
+                 what: str = "image sampling", where="") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The BOI/EOI state machine of image sampling (both backbones; hf: with a KV cache): <boi> is appended to
+    prompts that do not end with it (forced, not sampled), then n_codes image ids are sampled (temperature 1, the
+    argmax of the logits over the image ids, the vocabulary's tail or a table inside it, plus Gumbel noise; every
+    token routed as 'gen'), then <eoi> is appended (forced). gumbel: noise [N, n_codes, number of image ids] or a
+    torch.Generator that draws it step by step. Returns (codes [N, n_codes], the whole sequences). DualPrompt's
+    prefix is selected once, at the last prompt position (<boi>). Non-finite logits raise ValueError."""
+    boi, eoi, seq = special.get("boi_id"), special.get("eoi_id"), prompts
+    ends = prompts[:, -1] == boi if boi is not None else torch.ones(len(prompts), dtype=torch.bool)
+    assert bool(ends.all() or not ends.any()), "prompts end with <boi> all or none (group them)"
+    if not bool(ends.all()):
+        seq = F.pad(prompts, (0, 1), value=boi)
+    last = torch.full((len(seq),), seq.shape[1] - 1, device=seq.device)
+    sel, cache, cols, ids = prompt_for(model, seq, last), kv_cache(model), image_columns(image_lo), None
+    for i in range(n_codes):
+        route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
+        logits = next_logits(model, seq, route, sel, cache)
+        ids = torch.arange(logits.shape[-1], device=seq.device)[cols] if ids is None else ids
+        logits = logits[:, cols]
+        common.require_finite(logits, f"{what} logits", where)
+        noise = gumbel[:, i] if isinstance(gumbel, torch.Tensor) else \
+            -torch.log(-torch.log(torch.rand(logits.shape, generator=gumbel).clamp_min(1e-20))).to(seq.device)
+        seq = torch.cat([seq, ids[(logits + noise).argmax(-1, keepdim=True)]], 1)
+    codes = seq[:, seq.shape[1] - n_codes:]
+    return codes, seq if eoi is None else F.pad(seq, (0, 1), value=eoi)
+
+
+@torch.no_grad()
 def generation_match(model, prompts, attrs, gumbel, scheme, image_lo, where="") -> float:
-    """Sample 16 image codes per prompt (temperature 1, fixed Gumbel noise) and read them with the oracle of the
-    world; attrs = (colour, shape[, world]) of the prompts."""
+    """Sample 16 image codes per prompt (`sample_image`: temperature 1, fixed Gumbel noise; the prompts end with
+    <boi>) and read them with the oracle of the world; attrs = (colour, shape[, world]) of the prompts."""
     world = attrs[2] if len(attrs) > 2 else "default"
     mine = eval_rows({"prompts": prompts, "colour": attrs[0], "shape": attrs[1], "gumbel": gumbel}, model)
     prompts, attrs, gumbel = mine["prompts"], (mine["colour"], mine["shape"]), mine["gumbel"]
-    seq = prompts.clone()
-    last = torch.full((len(prompts),), prompts.shape[1] - 1, device=prompts.device)
-    sel, cache = prompt_for(model, prompts, last), kv_cache(model)  # DualPrompt: selected once, from the input
-    for i in range(gumbel.shape[1]):
-        route = route_for({"modality": torch.ones_like(seq)}, scheme, "gen")
-        logits = next_logits(model, seq, route, sel, cache)[:, image_lo:]
-        common.require_finite(logits, "gen_match logits", where)
-        seq = torch.cat([seq, (logits + gumbel[:, i]).argmax(-1, keepdim=True) + image_lo], 1)
-    codes = seq[:, prompts.shape[1]:] - image_lo + data.MODE_WORLDS[world][2]  # --answers multi shifts the ids
+    codes, _ = sample_image(model, prompts, gumbel.shape[1], scheme, image_lo, gumbel, data.MODE_SPECIAL,
+                            "gen_match", where)
+    codes = codes - image_lo + data.MODE_WORLDS[world][2]  # --answers multi shifts the ids
     ok, col, shp = data.mode_read_image(codes.cpu().numpy(), world)
     return rank_mean(float(np.mean(ok & (col == attrs[0]) & (shp == attrs[1]))), len(prompts))
+
+
+def save_samples(model, probe, scheme, image_lo, special, args: Args, run_dir, label: str) -> None:
+    """--save-samples: the probe's images sampled with `sample_image` (the same Gumbel noise at every row; prompts of
+    one length and <boi> ending together; every rank samples all) -> run_dir/samples_{label}.npz, int32 [K, n_codes]."""
+    if probe is None:
+        return
+    model.eval()
+    g = torch.Generator().manual_seed(common.derive_seed(args.seed, "eval/samples"))
+    device = next(model.parameters()).device
+    codes = np.zeros((len(probe["q"]), probe["n_codes"]), np.int32)
+    for group in np.unique(probe["group"]):
+        rows = probe["group"] == group
+        q = int(probe["q"][rows][0])
+        c, _ = sample_image(model, torch.as_tensor(probe["tokens"][rows, :q], device=device), probe["n_codes"],
+                            scheme, image_lo, g, special, "sampled image", label)
+        codes[rows] = c.cpu().numpy()
+    model.train()
+    if is_writer():
+        np.savez(os.path.join(run_dir, f"samples_{label}.npz"), codes=codes)
 
 
 def evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, where="", eos=None,
@@ -1445,6 +1493,29 @@ def generation_probe(args: Args, np_streams, streams, vocab: int, image_lo: int,
             (-torch.log(-torch.log(noise.clamp_min(1e-20)))).to(device))
 
 
+def sample_probe(args: Args, np_streams, image_lo, special) -> Optional[dict]:
+    """--save-samples K: the first K reference_test rows, the first target position q of each (its prompt is
+    tokens[:q]) and n_codes (meta.json image_seq_len, else the most image-id targets in a row). Exit 2 when a
+    sampled sequence (prompt, <boi> if missing, codes, <eoi>) would exceed --max-len."""
+    if not args.save_samples:
+        return None
+    ref = np_streams["reference_test"]
+    tokens, mask = ref["tokens"][: args.save_samples], ref["loss_mask"][: args.save_samples].astype(bool)
+    is_img = is_image_id(torch.as_tensor(tokens), image_lo).numpy()
+    n_codes = int((is_img & mask).sum(1).max())
+    if args.data_dir is not None:
+        with open(os.path.join(args.data_dir, "meta.json")) as f:
+            n_codes = json.load(f).get("image_seq_len", n_codes)
+    common.require(isinstance(n_codes, int) and n_codes >= 1, "data_dir",
+                   f"meta.json image_seq_len must be an int >= 1, or the reference images need codes (got {n_codes})")
+    q = mask[:, 1:].argmax(1) + 1
+    boi = tokens[np.arange(len(q)), q - 1] != special["boi_id"] if special["boi_id"] is not None else 0  # forced
+    longest = int((q + boi).max()) + n_codes + (special["eoi_id"] is not None)
+    common.require(longest <= args.max_len, "save_samples",
+                   f"sampled sequences would have {longest} tokens > --max-len {args.max_len}")
+    return {"tokens": tokens, "q": q, "group": 2 * q + boi, "n_codes": n_codes}  # prompts sampled together
+
+
 # ----------------------------------------------------------------------------- continual training
 def generators(seed: int, gen: torch.Generator) -> Dict[str, torch.Generator]:
     """Common random numbers: one generator per purpose, seeded from (seed, purpose), so every method draws the
@@ -1617,7 +1688,7 @@ def validate(args: Args) -> None:
               "lora_rank", "num_experts", "n_train", "n_test", "gen_samples", "d_model", "n_layers", "n_heads",
               "d_ff", "max_len", "log_every", "eval_max_new_tokens", "eval_batch_size"):
         common.require(getattr(args, f) >= 1, f, f"must be >= 1 (got {getattr(args, f)})")
-    for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads"):
+    for f in ("pretrain_steps", "num_tasks", "kd_lambda", "conflict_every", "num_threads", "save_samples"):
         common.require(getattr(args, f) >= 0, f, f"must be >= 0 (got {getattr(args, f)})")
     for f in ("lr", "pretrain_lr", "kd_temperature", "max_grad_norm", "pretrain_max_grad_norm", "lora_alpha"):
         common.require(getattr(args, f) > 0, f, f"must be > 0 (got {getattr(args, f)})")
@@ -1664,6 +1735,7 @@ def main(args: Args) -> dict:
     np_streams, tasks, vocab, image_lo, special = load_data(args)
     if args.hf_model is not None:
         check_hf_vocab(args, vocab, image_lo, special)
+    samples = sample_probe(args, np_streams, image_lo, special)
     init_dist(args)
     gen = common.seed_everything(args.seed, args.torch_deterministic)
     common.set_threads(args.num_threads)
@@ -1692,6 +1764,7 @@ def main(args: Args) -> dict:
         rows, conflicts, snapshots, done = [row0], [], [], 0
         state = {"usage": []}  # what the baselines carry across tasks (CL-MoE's usage counts)
         report_row("pre-trained", rows[0], loggers, global_step(args, 0, 0))
+        save_samples(model, samples, scheme, image_lo, special, args, run_dir, "pretrained")
     else:
         rows, conflicts, done, state = ckpt["rows"], ckpt["conflicts"], ckpt["done"], ckpt["method_state"]
         snapshots = [[{k: None if v is None else v.to(device) for k, v in layer.items()} for layer in snap]
@@ -1709,6 +1782,7 @@ def main(args: Args) -> dict:
         with eval_sw:
             rows.append(evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, f"row {k + 1}", eos,
                                  args.eval_max_new_tokens, args.eval_batch_size))
+            save_samples(model, samples, scheme, image_lo, special, args, run_dir, f"after_{task}")
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}

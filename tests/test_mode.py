@@ -197,6 +197,39 @@ class FixedLogits(torch.nn.Module):
         return self.logits.expand(len(tokens), -1, -1)
 
 
+class TextLover(torch.nn.Module):
+    """A tiny model whose logits favour every non-image id by 50 nats; records the routes it is given."""
+
+    def __init__(self, model, table):
+        super().__init__()
+        self.m, self.table, self.prompts, self.routes = model, table, None, []
+
+    def forward(self, tokens, route=None, prompt=None):
+        self.routes.append(route)
+        return self.m(tokens, route, prompt) + 50.0 * (~self.table)
+
+
+def test_image_sampling_forces_boi_only_when_missing_then_n_image_ids_then_eoi():
+    """Anole-like ids: image codes 5..16 inside the vocabulary, <boi> 3, <eoi> 4, text ids around them."""
+    table = torch.zeros(data.MODE_VOCAB, dtype=torch.bool)
+    table[5:17] = True
+    torch.manual_seed(0)
+    model = TextLover(mode.UnifiedLM(data.MODE_VOCAB, 32, 2, 4, 64, 32), table).eval()
+    scheme, special = mode.scheme_of(mode.Args()), {"boi_id": 3, "eoi_id": 4}
+    text = torch.randint(17, data.MODE_VOCAB, (6, 4))
+    got = []
+    for prompts in (text, F.pad(text, (0, 1), value=3)):  # without <boi>, then ending with it
+        codes, seq = mode.sample_image(model, prompts, 7, scheme, table, torch.Generator().manual_seed(1), special)
+        assert seq.shape == (6, 4 + 1 + 7 + 1) and torch.equal(seq[:, :prompts.shape[1]], prompts)
+        assert (seq[:, 4] == 3).all() and torch.equal(seq[:, 5:12], codes) and (seq[:, 12] == 4).all()
+        assert codes.shape == (6, 7) and bool(table[codes].all())  # never a text id, however favoured
+        got.append(codes)
+    assert torch.equal(got[0], got[1]) and len(set(got[0].flatten().tolist())) > 1  # a forced <boi> = a prompted one
+    assert all(bool(r.all()) for r in model.routes) and len(model.routes) == 14  # every token to the image side
+    mode.sample_image(model, text, 2, scheme, table, torch.Generator(), {"boi_id": None, "eoi_id": None})
+    assert model.routes[-1].shape == (6, 5)  # no special ids: nothing forced, 2 codes sampled after the prompt
+
+
 def test_closed_set_accuracy_scores_within_the_task_answer_vocabulary():
     w, S = streams(n=32)
     task = S["scienceqa_train"]  # answers are colour words
@@ -491,6 +524,7 @@ BAD_ARGS = [
     (dict(tailor_keep=-0.1), "--tailor-keep"), (dict(tailor_samples=0), "--tailor-samples"),
     (dict(answers="multi", max_len=24), "--max-len"), (dict(answers="multi", eval_max_new_tokens=13), "--max-len"),
     (dict(eval_max_new_tokens=0), "--eval-max-new-tokens"), (dict(answers="multi", data_dir="somewhere"), "--answers"),
+    (dict(save_samples=-1), "--save-samples"),
 ]
 
 

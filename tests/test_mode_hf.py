@@ -182,6 +182,26 @@ def test_cached_image_sampling_draws_the_same_codes(monkeypatch):
     assert np.array_equal(codes[0], codes[1]) and len(set(codes[0].flatten())) > 1
 
 
+def test_cached_sampling_with_image_ids_inside_the_vocabulary_equals_recomputing():
+    """The BOI/EOI state machine on Anole's layout (codes 5..16 inside the vocabulary, <boi> 3 forced, <eoi> 4)."""
+    table = torch.zeros(data.MODE_VOCAB, dtype=torch.bool)
+    table[5:17] = True
+    args, special = mode.Args(**SMALL), {"boi_id": 3, "eoi_id": 4}
+    torch.manual_seed(0)
+    model, scheme = mode.tiny_chameleon(args, data.MODE_VOCAB, table, special), mode.scheme_of(args)
+    mode.add_experts(model, args, scheme)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1) if p.requires_grad else None
+    model.eval()
+    prompts = torch.randint(17, data.MODE_VOCAB, (5, 4))
+    out = [mode.sample_image(m, prompts, 9, scheme, table, torch.Generator().manual_seed(2), special)
+           for m in (model, Uncached(model))]
+    (codes, seq), (codes2, seq2) = out
+    assert torch.equal(seq, seq2) and seq.shape == (5, 4 + 1 + 9 + 1) and (seq[:, 4] == 3).all()
+    assert (seq[:, -1] == 4).all() and bool(table[codes].all()) and len(set(codes.flatten().tolist())) > 1
+
+
 def test_ddp_evaluation_takes_every_rank_s_own_rows_and_fsdp_all_rows():
     model, _, _, _ = hf_model()
     rows = {"tokens": torch.arange(10), "colour": torch.arange(10) * 2}
@@ -343,7 +363,7 @@ def cli(kw: dict):
     return out
 
 
-DIST_CASES = [("ddp", {}), ("fsdp", dict(dtype="bfloat16", gradient_checkpointing=True)),
+DIST_CASES = [("ddp", dict(save_samples=2)), ("fsdp", dict(dtype="bfloat16", gradient_checkpointing=True)),
               ("ddp", dict(method="cl-moe", num_tasks=2))]  # cl-moe: usage counts summed over ranks, then merged
 
 
@@ -368,6 +388,11 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path, cache, kin
     assert max(abs(a - b) for a, b in zip(two["extra"]["gen_nll"], one["extra"]["gen_nll"])) < 1e-4
     assert (tmp_path / "rank0" / "out" / "results.json").exists() and os.listdir(tmp_path / "rank0" / "cache")
     assert not os.listdir(tmp_path / "rank1")  # no run dir, no pre-training cache
+    if "save_samples" in extra:  # every rank samples every prompt; rank 0 writes
+        for d in (single, tmp_path / "rank0" / "out"):
+            assert np.load(d / "samples_pretrained.npz")["codes"].shape == (2, 16)
+        assert np.array_equal(*(np.load(d / f"samples_after_{data.MODE_TASKS[0]}.npz")["codes"]
+                                for d in (single, tmp_path / "rank0" / "out")))
 
 
 # ----------------------------------------------------------------------------- local weights, --data-dir ids
@@ -414,8 +439,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, cache, monke
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "hf"])
-def test_image_codes_inside_the_vocabulary_run_end_to_end(tmp_path, backbone):
-    """Anole's layout: image codes in the middle of the vocabulary (here ids 5..16), text ids around them."""
+def test_image_codes_inside_the_vocabulary_run_end_to_end(tmp_path, capsys, backbone):
+    """Anole's layout: image codes in the middle of the vocabulary (here ids 5..16), text ids around them; with
+    --save-samples the sampled codes are written after every row (and must fit --max-len)."""
     data.export_mode_world(str(tmp_path / "d"), 0, n_pretrain=32, n_train=32, n_test=16)
     old = np.arange(data.MODE_VOCAB)
     new = np.where(old < 5, old, np.where(old >= LO, old - LO + 5, old + data.MODE_VOCAB - LO))
@@ -424,9 +450,20 @@ def test_image_codes_inside_the_vocabulary_run_end_to_end(tmp_path, backbone):
         np.savez(f, **(st | {"tokens": new[st["tokens"]]}))
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     meta = {k: v for k, v in meta.items() if k != "image_token_start"} | {"image_token_ranges": [[5, 17]]}
+    n_codes = 16 if backbone == "tiny" else 5  # the reference images' codes, or meta.json's image_seq_len
+    meta |= {"image_seq_len": 5} if backbone == "hf" else {}
     (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
     kw = RUN if backbone == "hf" else {k: v for k, v in RUN.items() if k not in ("backbone", "hf_tiny_random")}
-    res = mode.main(mode.Args(**(kw | dict(num_tasks=1)), data_dir=str(tmp_path / "d"),
+    res = mode.main(mode.Args(**(kw | dict(num_tasks=1)), data_dir=str(tmp_path / "d"), save_samples=3,
                               pretrain_cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "o")))
     assert np.isfinite(res["extra"]["gen_nll"]).all() and res["extra"]["base_weights_unchanged"] is True
     assert res["extra"]["gen_nll"][0] < 3.0  # ~ ln 12 = 2.48 over the 12 image ids, not ln 52 = 3.95 over all
+    for label in ("pretrained", f"after_{data.MODE_TASKS[0]}"):
+        codes = np.load(tmp_path / "o" / f"samples_{label}.npz")["codes"]
+        assert codes.dtype == np.int32 and codes.shape == (3, n_codes) and ((codes >= 5) & (codes < 17)).all()
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta | {"image_seq_len": 27}))  # 5 + 27 + <eoi> > 32
+    with pytest.raises(SystemExit) as e:
+        mode.main(mode.Args(**kw, data_dir=str(tmp_path / "d"), save_samples=3, out_dir=str(tmp_path / "o2"),
+                            pretrain_cache_dir=str(tmp_path / "c2")))
+    assert e.value.code == 2 and "error: --save-samples: " in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "c2").exists()
