@@ -101,7 +101,8 @@ Deviations and assumptions (where the paper is silent, the choice is stated here
      batch for `cls_steps` steps from a seeded init, scored once at the end (CMG reports the best epoch on the test
      set), test sets are separate samples (CMG's ave.py tests on train videos).
   9. Runs on CUDA when available and --cuda (the model is CPU-sized; only CPU runs are promised
-     bit-identical across a --resume).
+     bit-identical across a --resume). There the dead-code reset is masked (reset_dead_masked: same rule, its own
+     device generator, no host sync per step), so CUDA and CPU runs draw different resets.
  10. Speech (--order VT ST AT): a built-in speech modality renders the caption's token plan step by step (speech
      step t says text token t); real speech features must be time-aligned to the caption's T steps. The paper's
      Table 5 task (Ref-YouTube-VOS segmentation with ReferFormer) is out of scope.
@@ -305,6 +306,11 @@ def init_rng(seed: Optional[int], name: str):
         yield
 
 
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small CPU tensor on dev; to CUDA through pinned memory without a host sync (plain .to() syncs)."""
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
 def entropy(p):
     p = p / p.sum()
     return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
@@ -340,12 +346,14 @@ class Codebook(nn.Module):
         self.weight.mul_(self.decay).add_(s, alpha=1 - self.decay)
         self.embed.copy_(self.weight / self.count[:, None])
         self.idle.add_(1)
-        self.idle[n > 0] = 0
+        self.idle.masked_fill_(n > 0, 0)  # not idle[n > 0] = 0: boolean indexing syncs on CUDA
 
     @torch.no_grad()
     def reset_dead(self, after: int, start: int = 0, noise: float = 1 / 128, g=None) -> int:
         """Re-initialise codes idle for > `after` batches (only indices >= start) to an active code + noise;
-        draws from the CPU generator g (None = global RNG)."""
+        draws from the CPU generator g (None = global RNG). On CUDA: reset_dead_masked, g on the device."""
+        if self.embed.is_cuda:
+            return self.reset_dead_masked(after, start, noise, g)
         dead = self.idle > after
         dead[:start] = False
         active = torch.nonzero(self.idle < max(after // 3, 1)).flatten()
@@ -358,6 +366,21 @@ class Codebook(nn.Module):
         self.weight[dead] = self.embed[dead] * self.count[dead, None]
         self.idle[dead] = 0
         return int(dead.sum())
+
+    @torch.no_grad()
+    def reset_dead_masked(self, after: int, start: int = 0, noise: float = 1 / 128, g=None) -> torch.Tensor:
+        """reset_dead without host synchronisation: every code draws an active source and a shift from g (a generator
+        on the codebook's device), torch.where keeps them for dead codes only; returns the count as a 0-d tensor."""
+        (K, D), dev = self.embed.shape, self.embed.device
+        active = self.idle < max(after // 3, 1)
+        dead = (self.idle > after) & (torch.arange(K, device=dev) >= start) & active.any()
+        w = torch.where(active.any(), active.float(), 1.0)  # all-zero weights are invalid; then no code is dead
+        src = torch.multinomial(w, K, replacement=True, generator=g)  # K > 1 draws with replacement: no sync
+        shift = (torch.rand(K, D, generator=g, device=dev) * 2 - 1) * noise
+        self.embed.copy_(torch.where(dead[:, None], self.embed[src] + shift, self.embed))
+        self.weight.copy_(torch.where(dead[:, None], self.embed * self.count[:, None], self.weight))
+        self.idle.masked_fill_(dead, 0)
+        return dead.sum()
 
     @torch.no_grad()
     def expand(self, k2: int, g=None):
@@ -614,7 +637,7 @@ def pair_losses(model: CometModel, args: Args, x: Dict[str, torch.Tensor], pmr, 
             club_nll = -sum(model.club[m].loglik(q[m].detach(), y[m].detach()) for m in (c, b))
             club_nll.backward()
             club_opt.step()
-    perm = torch.randperm(len(x[c]), generator=rng).to(z[c].device)
+    perm = to_device(torch.randperm(len(x[c]), generator=rng), z[c].device)
     L["mi"] = sum(model.club[m].mi_est(q[m], y[m], perm) for m in (c, b))
     L["recon"] = sum(F.mse_loss(model.dec[m](q[m], y[m]), x[m]) for m in (c, b))
     seqs, p_weight, aux = {c: z[c], b: z[b]}, None, {"club_nll": club_nll.detach()}
@@ -1006,13 +1029,13 @@ def train_stage(model: CometModel, args: Args, train, pmr, reset_from: int, run:
                 k: int, name: str, plan: List[int]):
     """plan[k] epochs of Adam on every non-CLUB parameter (fresh per stage); returns (number of steps, {PMR_LOGS
     key: per-epoch values, or None without a P stream})."""
-    n_min = min(len(next(iter(t.values()))) for t in train.values())
+    n_min, dev = min(len(next(iter(t.values()))) for t in train.values()), model.codebook.embed.device
     bs = min(args.batch_size, n_min)
     steps = n_min // bs
     params = [p for n, p in model.named_parameters() if not n.startswith("club.")]  # codes are buffers
     opt, logs = torch.optim.Adam(params, lr=args.lr), {key: [] for key in PMR_LOGS}
     for epoch in range(plan[k]):
-        perms = {p: torch.randperm(n_min, generator=gens["shuffle"]) for p in train}
+        perms = {p: torch.randperm(n_min, generator=gens["shuffle"]).to(dev) for p in train}  # 1 copy/epoch
         sums, t0 = {}, (time.perf_counter(), time.process_time())
         for i in range(steps):
             opt.zero_grad()
@@ -1106,7 +1129,8 @@ def main(args: Args) -> dict:
     model = CometModel(args, modality_dims(dd), args.comet and args.moe).to(device)
     club_opt = torch.optim.Adam(model.club.parameters(), lr=args.club_lr)
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters, method {method}")
-    gens = {"shuffle": gen, **{s: torch.Generator() for s in ("step", "fisher", "reset", "expand")}}  # CPU streams
+    gens = {"shuffle": gen, **{s: torch.Generator() for s in ("step", "fisher", "expand")}}  # CPU streams
+    gens["reset"] = torch.Generator(device)  # on CUDA a device stream: reset_dead_masked draws without syncing
     run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "time": {"train": 0.0, "eval": 0.0, "total": 0.0},
            **{key: [None] for key in PMR_LOGS + ("pmr_tau",)}}
     if ckpt:  # --resume: everything as a fresh run builds it, then the stored state, RNGs last

@@ -114,6 +114,95 @@ def test_dead_code_reset_survives_the_next_ema_update():
     assert (cb.embed[4:] - torch.arange(12.0, 18.0).view(2, 3)).abs().min() > 5  # not back to the old value
 
 
+def dead_codebook(idle=(0.0, 1, 50, 50, 0, 50, 50, 50)):
+    """8 codes of dimension 3 with distinct embeddings, counts and weights; codes 0, 1 and 4 active (after=10)."""
+    cb = comet.Codebook(len(idle), 3, decay=0.99)
+    cb.embed.copy_(torch.arange(len(idle) * 3.0).view(-1, 3))
+    cb.count.copy_(torch.arange(1.0, len(idle) + 1))
+    cb.weight.copy_(cb.embed * 2)
+    cb.idle.copy_(torch.tensor(idle))
+    return cb
+
+
+def buffers(cb):
+    return {n: getattr(cb, n).clone() for n in ("embed", "weight", "idle", "count")}
+
+
+def test_masked_reset_resets_exactly_the_dead_codes():
+    cb = dead_codebook()
+    before = buffers(cb)
+    n = cb.reset_dead_masked(after=10, start=3, g=torch.Generator().manual_seed(0))
+    dead = torch.tensor([False, False, False, True, False, True, True, True])  # idle > 10 and index >= 3
+    assert isinstance(n, torch.Tensor) and n.dim() == 0 and int(n) == 4
+    for name, v in buffers(cb).items():  # every other row bit-identical
+        assert torch.equal(v[~dead], before[name][~dead]), name
+    assert torch.equal(cb.count, before["count"]) and torch.equal(cb.idle[dead], torch.zeros(4))
+    assert torch.equal(cb.weight[dead], cb.embed[dead] * cb.count[dead, None])
+    active = before["embed"][[0, 1, 4]]
+    shift = cb.embed[dead][:, None] - active[None]  # [dead, active, D]
+    assert ((shift.abs() <= 1 / 128).all(-1)).any(-1).all()  # some active code + a shift within +-noise
+
+
+def test_masked_reset_draws_sources_among_active_codes_only():
+    cb = dead_codebook((50.0,) * 30 + (0.0, 0.0))  # 30 dead codes, two active (the last two)
+    cb.reset_dead_masked(after=10, g=torch.Generator().manual_seed(1))
+    src = torch.cdist(cb.embed[:30], torch.arange(90.0, 96.0).view(2, 3)).argmin(1)
+    assert (cb.embed[:30] - torch.arange(90.0, 96.0).view(2, 3)[src]).abs().max() <= 1 / 128
+    assert set(src.tolist()) == {0, 1}  # both active codes are drawn
+
+
+@pytest.mark.parametrize("idle, start", [((50.0,) * 8, 0), ((0.0, 1, 2, 3, 0, 1, 2, 3), 0), ((0.0, 50, 50), 3)])
+def test_masked_reset_without_active_or_dead_codes_changes_nothing(idle, start):
+    cb = dead_codebook(idle)  # all dead but none active / none dead / dead codes all below start
+    before = buffers(cb)
+    n = cb.reset_dead_masked(after=10, start=start, g=torch.Generator().manual_seed(0))
+    assert isinstance(n, torch.Tensor) and n.dim() == 0 and int(n) == 0
+    assert all(torch.equal(v, before[name]) for name, v in buffers(cb).items())
+
+
+def test_masked_reset_same_generator_seed_same_result():
+    a, b, c = dead_codebook(), dead_codebook(), dead_codebook()
+    for cb, seed in ((a, 3), (b, 3), (c, 4)):
+        cb.reset_dead_masked(after=10, g=torch.Generator().manual_seed(seed))
+    assert torch.equal(a.embed, b.embed) and torch.equal(a.weight, b.weight) and not torch.equal(a.embed, c.embed)
+
+
+def test_cpu_reset_takes_todays_path(monkeypatch):
+    monkeypatch.setattr(comet.Codebook, "reset_dead_masked", lambda *a, **k: pytest.fail("masked reset on CPU"))
+    cb, ref = dead_codebook(), dead_codebook()
+    n = cb.reset_dead(after=10, start=3, g=torch.Generator().manual_seed(0))
+    assert type(n) is int and n == 4
+    g = torch.Generator().manual_seed(0)  # today's draws: n sources among the active codes, then an n x D shift
+    src = torch.tensor([0, 1, 4])[torch.randint(3, (4,), generator=g)]
+    shift = (torch.rand(4, 3, generator=g) * 2 - 1) / 128
+    assert torch.equal(cb.embed[[3, 5, 6, 7]], ref.embed[src] + shift)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step_has_no_host_sync(tmp_path):
+    args = tiny_args(tmp_path, reset_after=2)
+    model = small_model(args).cuda()
+    dd = data.comet_benchmark(0, 32, 2, 8, 10)
+    x = {m: torch.from_numpy(dd["vt_train"][m]).cuda() for m in ("video", "text")}
+    params = [p for n, p in model.named_parameters() if not n.startswith("club.")]
+    opt, club = torch.optim.Adam(params), torch.optim.Adam(model.club.parameters())
+    perm, g = torch.randperm(len(x["video"])).cuda(), torch.Generator("cuda").manual_seed(0)
+    rng, teacher = torch.Generator().manual_seed(0), model.codebook.embed.clone()
+    model.codebook.expand(16)  # a stage-2 step: PMR stream, reset restricted to the new codes
+    pmr = comet.Replay(teacher, len(teacher), tau=1.0)
+    for i in range(4):  # the step of train_stage; the first one warms up (allocations, handles)
+        torch.cuda.set_sync_debug_mode("error" if i else "default")
+        opt.zero_grad()
+        L, _ = comet.pair_losses(model, args, {m: v[perm[:16]] for m, v in x.items()}, pmr, True, club, rng)
+        sum(L.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        model.codebook.idle[-4:] = 50.0  # some dead codes to reset
+        n = model.codebook.reset_dead(2, start=len(teacher), g=g)
+    torch.cuda.set_sync_debug_mode("default")
+    assert int(n) >= 4 and (model.codebook.idle[-4:] == 0).all()
+
+
 def test_cmcm_lower_for_matching_pairs():
     torch.manual_seed(0)
     codes = torch.randn(8, 4) * 3
