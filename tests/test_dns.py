@@ -232,6 +232,15 @@ def test_same_seed_gives_identical_results_and_other_seed_differs(tmp_path):
     assert a["summary"] != c["summary"]
 
 
+def test_official_float32_keeps_float32_moments_and_changes_little(tmp_path):
+    tiny = dict(bench_scale=0.005, epochs=1, steps=["esc50:text-audio", "clotho:text-audio"], num_threads=1)
+    ref = dns.main(dns.Args(out_dir=str(tmp_path / "f64"), **tiny))
+    f32 = dns.main(dns.Args(out_dir=str(tmp_path / "f32"), official_float32=True, **tiny))
+    assert f32["method"] == "dns+official-float32"
+    assert f32["summary"]["stored_bytes"] * 2 == ref["summary"]["stored_bytes"]  # float32 moments: half the bytes
+    assert abs(f32["summary"]["acc"] - ref["summary"]["acc"]) < 2 and abs(f32["summary"]["r10"] - ref["summary"]["r10"]) < 2
+
+
 # ----------------------------------------------------------------------------- real-feature loader and bad input
 def write_split(path, n=40, d_text=8, d_audio=6, **override):
     rng = np.random.default_rng(0)
