@@ -289,7 +289,8 @@ def test_co2l_replayed_pairs_are_negatives_only():
     st.feats[0] = {"c": x0["a"], "b": x0["b"] * 50}  # replayed pairs' other side: must not matter
     same = dns.co2l_terms(model, st, 1, "a", "c", x, z, args, torch.Generator().manual_seed(0))["contrastive"]
     assert torch.equal(base, same)
-    assert float(base.detach()) > float(dns.contrastive_loss(z["a"], z["c"], 1.0).detach())  # extra negatives raise the loss
+    # extra negatives raise the loss
+    assert float(base.detach()) > float(dns.contrastive_loss(z["a"], z["c"], 1.0).detach())
     st.memory = {}
     plain = dns.co2l_terms(model, st, 1, "a", "c", x, z, args, torch.Generator())["contrastive"]
     assert torch.equal(plain, dns.contrastive_loss(z["a"], z["c"], 1.0))
