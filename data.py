@@ -10,7 +10,8 @@ Contents (section: what -> used by)
             load_dns_h5_split (official CMCL .h5), load_dns_features                   -> dns.py
     COMET:  comet_pair_modalities, comet_world, comet_sample, comet_avvp_sample, comet_benchmark,
             load_comet_npz                                                             -> comet.py
-    MoDE:   MODE_WORLDS, mode_sequences, make_mode_world, mode_read_image, load_mode_dir -> mode.py
+    MoDE:   MODE_WORLDS, mode_sequences, make_mode_world, mode_multi_answer_world,
+            mode_read_image, load_mode_dir, export_mode_world                          -> mode.py
 """
 
 import json
@@ -541,6 +542,8 @@ MODE_WORLDS = {"default": (MODE_TASKS, MODE_VOCAB, MODE_IMAGE_LO),  # world -> (
 MODE_SPECIAL = {"boi_id": _MODE_ID["<boi>"], "eoi_id": _MODE_ID["<eoi>"], "pad_id": _MODE_ID["<pad>"],
                 "eos_id": None}  # the --data-dir meta.json keys of the special ids
 
+MODE_MULTI_WORDS = ("it", "is", *map(str, range(10)), "<eos>")  # --answers multi: text ids after MODE_TEXT
+MODE_QUESTION_LEN = 21  # built-in VQA: <bos> <boi> 16 codes <eoi> <sep> <q:task>, then the answer
 
 def mode_shape_masks() -> np.ndarray:
     """The 8 fixed 4x4 shape masks [8, 16] (bool), sizes 3..10, pairwise Hamming distance >= 3."""
@@ -785,6 +788,33 @@ def _mode_check_ends(path: str, st: Dict[str, np.ndarray], special: dict, is_tas
     if not ok.all():
         raise DataError(f"{path}: row {np.where(~ok)[0][0]}: the answer must end with its only eos_id "
                         f"{special['eos_id']} target")
+
+
+def mode_multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
+    """--answers multi: the built-in world with the MODE_MULTI_WORDS as new text ids (the image codes
+    move up by as many) and every VQA answer written `it is <value> <eos>` (counts as two digits; the night
+    answer `unanswerable <eos>`), every answer token a target."""
+    shift, out = len(MODE_MULTI_WORDS), {}
+    for name, st in world.items():
+        tokens = np.where(st["tokens"] >= MODE_IMAGE_LO, st["tokens"] + shift, st["tokens"])
+        out[name] = dict(st, tokens=tokens)
+        if name.rsplit("_", 1)[0] in MODE_TASKS:
+            out[name] |= _mode_templated_answers(tokens, st["modality"])
+    return out
+
+
+def _mode_templated_answers(tokens: np.ndarray, modality: np.ndarray) -> Dict[str, np.ndarray]:
+    """A VQA stream's question (first MODE_QUESTION_LEN tokens) with its templated answer as the only targets."""
+    new = {w: MODE_IMAGE_LO + i for i, w in enumerate(MODE_MULTI_WORDS)}
+    q, n = MODE_QUESTION_LEN, len(tokens)
+    out = {k: np.zeros((n, q + 5), np.int64) for k in ("tokens", "modality", "loss_mask")}
+    out["tokens"][:, :q], out["modality"][:, :q] = tokens[:, :q], modality[:, :q]
+    for i, a in enumerate(tokens[:, q]):
+        word = MODE_TEXT[a]
+        value = [new[d] for d in f"{int(word):02d}"] if word in MODE_COUNTS else [a]
+        ans = [a, new["<eos>"]] if word == "unanswerable" else [new["it"], new["is"], *value, new["<eos>"]]
+        out["tokens"][i, q:q + len(ans)], out["loss_mask"][i, q:q + len(ans)] = ans, 1
+    return out
 
 
 def export_mode_world(out_dir: str, seed: int = 0, n_pretrain: int = 4096, n_train: int = 2048,

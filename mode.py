@@ -352,8 +352,6 @@ ABLATIONS = ("kd", "text_moe", "visual_adapter")  # MoDE switches, on by default
 OFFICIAL = ("official_kd_double_temperature", "official_kd_all_positions")  # official-code switches, off
 BASELINES = ("cl-moe", "dualprompt", "model-tailor")
 TAILOR_BLOCK = 128  # columns per block of Model Tailor's mask and lazy compensation (sparsegpt.py blocksize)
-MULTI_WORDS = ("it", "is", *map(str, range(10)), "<eos>")  # --answers multi: text ids after data.MODE_TEXT
-QUESTION_LEN = 21  # built-in VQA: <bos> <boi> 16 codes <eoi> <sep> <q:task>, then the answer
 MAX_NEW_TOKENS = 8  # default greedy decoding budget (--eval-max-new-tokens; the longest answer has 5 tokens)
 VARIANT_FIELDS = ("n_train", "n_test", "gen_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "pretrain_max_grad_norm", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_tasks",
@@ -1627,8 +1625,8 @@ def load_data(args: Args):
             streams = data.make_mode_world(args.seed, n_train=args.n_train, n_test=args.n_test, world=args.world)
             (tasks, vocab, image_lo), special = data.MODE_WORLDS[args.world], data.MODE_SPECIAL
             if args.answers == "multi":
-                streams = multi_answer_world(streams)
-                vocab, image_lo = vocab + len(MULTI_WORDS), image_lo + len(MULTI_WORDS)
+                streams = data.mode_multi_answer_world(streams)
+                vocab, image_lo = vocab + len(data.MODE_MULTI_WORDS), image_lo + len(data.MODE_MULTI_WORDS)
         else:
             meta, streams = data.load_mode_dir(args.data_dir, args.max_len)
             tasks, vocab, image_lo, special = meta["tasks"], meta["vocab_size"], meta["image_token_start"], meta
@@ -1656,32 +1654,6 @@ def run_slot(args: Args) -> str:
     return args.world if tag == "tiny" else f"{tag}-{args.world}"
 
 
-def multi_answer_world(world: Dict[str, dict]) -> Dict[str, dict]:
-    """--answers multi: the built-in world with the MULTI_WORDS as new text ids (the image codes
-    move up by as many) and every VQA answer written `it is <value> <eos>` (counts as two digits; the night
-    answer `unanswerable <eos>`), every answer token a target."""
-    shift, out = len(MULTI_WORDS), {}
-    for name, st in world.items():
-        tokens = np.where(st["tokens"] >= data.MODE_IMAGE_LO, st["tokens"] + shift, st["tokens"])
-        out[name] = dict(st, tokens=tokens)
-        if name.rsplit("_", 1)[0] in data.MODE_TASKS:
-            out[name] |= templated_answers(tokens, st["modality"])
-    return out
-
-
-def templated_answers(tokens: np.ndarray, modality: np.ndarray) -> Dict[str, np.ndarray]:
-    new = {w: data.MODE_IMAGE_LO + i for i, w in enumerate(MULTI_WORDS)}
-    q, n = QUESTION_LEN, len(tokens)
-    out = {k: np.zeros((n, q + 5), np.int64) for k in FIELDS}
-    out["tokens"][:, :q], out["modality"][:, :q] = tokens[:, :q], modality[:, :q]
-    for i, a in enumerate(tokens[:, q]):
-        word = data.MODE_TEXT[a]
-        value = [new[d] for d in f"{int(word):02d}"] if word in data.MODE_COUNTS else [a]
-        ans = [a, new["<eos>"]] if word == "unanswerable" else [new["it"], new["is"], *value, new["<eos>"]]
-        out["tokens"][i, q:q + len(ans)], out["loss_mask"][i, q:q + len(ans)] = ans, 1
-    return out
-
-
 def validate(args: Args) -> None:
     """Every hyperparameter check, before anything is written: exit 2 with 'error: --flag: problem'."""
     for f in ("steps_per_task", "batch_size", "pretrain_batch_size", "kd_batch_size", "conflict_batch_size",
@@ -1704,7 +1676,7 @@ def validate(args: Args) -> None:
                    f"{args.world} is a built-in world; it cannot be combined with --data-dir")
     common.require(args.answers == "single" or args.world == "default", "answers",
                    f"multi is only available in the default world (got --world {args.world})")
-    need = QUESTION_LEN + max(5, args.eval_max_new_tokens - 1)  # the answers; the decoded positions
+    need = data.MODE_QUESTION_LEN + max(5, args.eval_max_new_tokens - 1)  # the answers; the decoded positions
     common.require(args.answers == "single" or args.max_len >= need, "max_len",
                    f"must be >= {need} with --answers multi and --eval-max-new-tokens "
                    f"{args.eval_max_new_tokens} (got {args.max_len})")
@@ -1728,6 +1700,33 @@ def validate_baselines(args: Args) -> None:
                    f"needs --lora-rank {args.lora_rank} divisible by --num-experts {args.num_experts}")
 
 
+def save_after_task(model, args: Args, run_dir, k: int, task: str, T: int, state: dict) -> None:
+    """The checkpoint after task k (and model_after_{task}.pt with --save-model); only rank 0 writes."""
+    weights = model_state(model)  # FSDP2: a collective, on every rank
+    if not is_writer():
+        return
+    if args.save_model:
+        torch.save({"model": weights, "task": k + 1, "args": vars(args)},
+                   os.path.join(run_dir, f"model_after_{task}.pt"))
+    common.save_checkpoint(run_dir, "mode", args, k + 1, T, {"model": weights, **state})
+
+
+def assemble_results(args: Args, model, trainable, rows, tasks, conflicts, attr, state, cache, base_sha1, summary,
+                     timing, name: str, device) -> dict:
+    """The results envelope of a finished run (every rank computes it; rank 0 writes it)."""
+    gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
+    extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "path_attribution": attr,
+             "scheme": scheme_of(args), "clmoe_usage": [u.tolist() for u in state["usage"]] or None,
+             "dp_selection_acc": [r["dp_selection_acc"] for r in rows] if model.prompts is not None else None,
+             "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
+             "base_weights_unchanged": all_ranks(base_hashes(model) == base_sha1)}
+    return common.results_envelope(
+        script="mode", method=method_tag(args), variant=common.tag(args, VARIANT_FIELDS, Args()),
+        data=common.data_tag(args.data_dir), backbone=backbone_tag(args), seed=args.seed, run_name=name, args=args,
+        device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
+        summary=summary, timing_s=timing)
+
+
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: setup
     validate(args)
@@ -1741,8 +1740,7 @@ def main(args: Args) -> dict:
     common.set_threads(args.num_threads)
     device = common.pick_device(args.cuda)
     image_lo = image_lo if isinstance(image_lo, int) else image_lo.to(device)
-    method, variant = method_tag(args), common.tag(args, VARIANT_FIELDS, Args())
-    name = common.run_name("mode", method, common.data_tag(args.data_dir), run_slot(args), args.seed)
+    name = common.run_name("mode", method_tag(args), common.data_tag(args.data_dir), run_slot(args), args.seed)
     run_dir, ckpt = common.open_run(args, name, "mode") if is_writer() else (None, None)  # only rank 0 writes
     loggers = common.open_loggers(args, name, run_dir, None if ckpt is None else global_step(args, ckpt["done"], 1)) \
         if is_writer() else {}
@@ -1756,7 +1754,7 @@ def main(args: Args) -> dict:
                                                            scheme, ckpt, loggers, len(tasks), special)
     gen_probe = generation_probe(args, np_streams, streams, vocab, image_lo, device)
     answers = {t: answer_vocab(streams[f"{t}_train"], vocab) for t in tasks}  # closed-set scoring, fixed per run
-    eos = data.MODE_IMAGE_LO + MULTI_WORDS.index("<eos>") if args.answers == "multi" else special["eos_id"]
+    eos = data.MODE_IMAGE_LO + data.MODE_MULTI_WORDS.index("<eos>") if args.answers == "multi" else special["eos_id"]
     train_sw, eval_sw, T = common.Stopwatch(), common.Stopwatch(), len(tasks)
     if ckpt is None:
         row0 = evaluate(model, streams, tasks, answers, scheme, image_lo, gen_probe, "row 0", eos,
@@ -1786,15 +1784,9 @@ def main(args: Args) -> dict:
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
         timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
                   "total": time.perf_counter() - t_start}
-        weights = model_state(model)  # FSDP2: a collective, on every rank
-        if args.save_model and is_writer():
-            torch.save({"model": weights, "task": k + 1, "args": vars(args)},
-                       os.path.join(run_dir, f"model_after_{task}.pt"))
-        if is_writer():
-            common.save_checkpoint(run_dir, "mode", args, k + 1, T, {
-                "model": weights, "rng": common.rng_state(gens), "rows": rows,
-                "conflicts": conflicts, "snapshots": snapshots, "method_state": state, "base_sha1": base_sha1,
-                "pretrain_cache": cache, "timing": timing})
+        save_after_task(model, args, run_dir, k, task, T, {
+            "rng": common.rng_state(gens), "rows": rows, "conflicts": conflicts, "snapshots": snapshots,
+            "method_state": state, "base_sha1": base_sha1, "pretrain_cache": cache, "timing": timing})
 
     # ------------------------------------------------------------------------- results
     with eval_sw:
@@ -1804,20 +1796,11 @@ def main(args: Args) -> dict:
     timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
               "total": time.perf_counter() - t_start}
     print_results(rows, tasks, summary, timing)
-    gnll, gmatch = [r["gen_nll"] for r in rows], [r["gen_match"] for r in rows]
-    extra = {"gen_nll": gnll, "gen_match": gmatch, "grad_conflict": conflicts, "path_attribution": attr,
-             "scheme": scheme, "clmoe_usage": [u.tolist() for u in state["usage"]] or None,
-             "dp_selection_acc": [r["dp_selection_acc"] for r in rows] if model.prompts is not None else None,
-             "pretrain_cache": cache, "trainable_params": sum(p.numel() for p in trainable),
-             "base_weights_unchanged": all_ranks(base_hashes(model) == base_sha1)}
-    res = common.results_envelope(
-        script="mode", method=method, variant=variant, data=common.data_tag(args.data_dir),
-        backbone=backbone_tag(args), seed=args.seed,
-        run_name=name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), args=args,
-        device=device, tasks=tasks, matrices={m: [r[m] for r in rows] for m in MATRICES if m in rows[0]}, extra=extra,
-        summary=summary, timing_s=timing)
+    res = assemble_results(args, model, trainable, rows, tasks, conflicts, attr, state, cache, base_sha1, summary,
+                           timing, name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), device)
     if is_writer():
-        common.write_results(run_dir, res, series={"gen_nll": {"t2i": gnll}, "gen_match": {"t2i": gmatch}})
+        series = {"gen_nll": {"t2i": res["extra"]["gen_nll"]}, "gen_match": {"t2i": res["extra"]["gen_match"]}}
+        common.write_results(run_dir, res, series=series)
         common.log_scalars(loggers, {f"summary/{k}": v for k, v in summary.items()}, global_step(args, T, 0))
         if args.plot:
             common.plot_matrix(run_dir, res["matrices"]["acc"], res["rows"], tasks,

@@ -868,15 +868,15 @@ def test_clmoe_end_to_end_merges_every_task_into_the_previous_one(tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- --answers multi
-MULTI_LO, MULTI_VOCAB = data.MODE_IMAGE_LO + len(mode.MULTI_WORDS), data.MODE_VOCAB + len(mode.MULTI_WORDS)
-EOS = data.MODE_IMAGE_LO + mode.MULTI_WORDS.index("<eos>")
+MULTI_LO, MULTI_VOCAB = data.MODE_IMAGE_LO + len(data.MODE_MULTI_WORDS), data.MODE_VOCAB + len(data.MODE_MULTI_WORDS)
+EOS = data.MODE_IMAGE_LO + data.MODE_MULTI_WORDS.index("<eos>")
 
 
 def test_multi_answer_world_templates_answers_and_shifts_image_codes():
     w = data.make_mode_world(0, n_pretrain=16, n_train=64, n_test=16)
-    m = mode.multi_answer_world(w)
+    m = data.mode_multi_answer_world(w)
     word = {data.MODE_TEXT.index(x): x for x in data.MODE_TEXT} | {data.MODE_IMAGE_LO + i: x
-                                                                  for i, x in enumerate(mode.MULTI_WORDS)}
+                                                                  for i, x in enumerate(data.MODE_MULTI_WORDS)}
     for t in ("textvqa", "vizwiz", "gqa"):
         for old, new, mask in zip(w[f"{t}_train"]["tokens"], m[f"{t}_train"]["tokens"], m[f"{t}_train"]["loss_mask"]):
             ans = [word[int(a)] for a in new[mask.astype(bool)]]
@@ -885,7 +885,7 @@ def test_multi_answer_world_templates_answers_and_shifts_image_codes():
                     ["it", "is", *f"{int(value):02d}"] if value in data.MODE_COUNTS else ["it", "is", value])
             assert ans == want + ["<eos>"] and mask[:21].sum() == 0 and (new[len(ans) + 21:] == 0).all()
     old, new = w["reference_test"], m["reference_test"]
-    shift = np.where(old["tokens"] >= data.MODE_IMAGE_LO, len(mode.MULTI_WORDS), 0)
+    shift = np.where(old["tokens"] >= data.MODE_IMAGE_LO, len(data.MODE_MULTI_WORDS), 0)
     assert (new["tokens"] - old["tokens"] == shift).all() and (new["modality"] == old["modality"]).all()
     assert (m["gqa_test"]["modality"][:, :21] == w["gqa_test"]["modality"][:, :21]).all()
     assert (m["gqa_test"]["modality"][:, 21:] == 0).all()
@@ -906,7 +906,7 @@ class Scripted(torch.nn.Module):
 
 
 def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
-    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
+    w = data.mode_multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
     b = mode.to_tensors({f: w["scienceqa_test"][f][:1] for f in mode.FIELDS}, "cpu")  # `it is <colour> <eos>`
     it_is_red = b["tokens"][0, 21:24].tolist()
     scheme = mode.scheme_of(mode.Args())
@@ -923,7 +923,7 @@ def test_exact_match_needs_the_eos_and_never_decodes_image_ids():
 
 
 def test_greedy_decode_equals_teacher_forcing_on_an_overfit_model(monkeypatch):
-    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
+    w = data.mode_multi_answer_world(data.make_mode_world(0, n_pretrain=16, n_train=16, n_test=16))
     b = mode.to_tensors({f: np.concatenate([w[f"{t}_train"][f][:2] for t in ("textvqa", "vizwiz", "scienceqa")])
                          for f in mode.FIELDS}, "cpu")
     short = {k: F.pad(torch.cat([v[:3, :19], v[:3, 20:]], 1), (0, 1)) for k, v in b.items()}  # <sep> dropped
@@ -975,7 +975,7 @@ def test_exported_world_modality_is_derived_from_the_ids_and_a_wrong_row_is_name
 
 
 def test_data_dir_eos_id_scores_exact_match_and_bad_ends_are_named(tmp_path):
-    w = mode.multi_answer_world(data.make_mode_world(0, n_pretrain=32, n_train=32, n_test=16))
+    w = data.mode_multi_answer_world(data.make_mode_world(0, n_pretrain=32, n_train=32, n_test=16))
     d, lo, eos = tmp_path / "m", MULTI_LO, EOS
     d.mkdir()
     meta = {"vocab_size": MULTI_VOCAB, "image_token_ranges": [[lo, MULTI_VOCAB]], "tasks": ["gqa", "vizwiz"],
