@@ -1711,6 +1711,12 @@ def save_after_task(model, args: Args, run_dir, k: int, task: str, T: int, state
     common.save_checkpoint(run_dir, "mode", args, k + 1, T, {"model": weights, **state})
 
 
+def run_timing(pretrain_s: float, train_sw, eval_sw, t_start: float) -> dict:
+    """timing_s so far: pre-training, training, evaluation, and wall time since the start (resumes included)."""
+    return {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
+            "total": time.perf_counter() - t_start}
+
+
 def assemble_results(args: Args, model, trainable, rows, tasks, conflicts, attr, state, cache, base_sha1, summary,
                      timing, name: str, device) -> dict:
     """The results envelope of a finished run (every rank computes it; rank 0 writes it)."""
@@ -1782,8 +1788,7 @@ def main(args: Args) -> dict:
                                  args.eval_max_new_tokens, args.eval_batch_size))
             save_samples(model, samples, scheme, image_lo, special, args, run_dir, f"after_{task}")
         report_row(f"after {task}", rows[-1], loggers, global_step(args, k + 1, 0))
-        timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
-                  "total": time.perf_counter() - t_start}
+        timing = run_timing(pretrain_s, train_sw, eval_sw, t_start)
         save_after_task(model, args, run_dir, k, task, T, {
             "rng": common.rng_state(gens), "rows": rows, "conflicts": conflicts, "snapshots": snapshots,
             "method_state": state, "base_sha1": base_sha1, "pretrain_cache": cache, "timing": timing})
@@ -1793,8 +1798,7 @@ def main(args: Args) -> dict:
         attr = path_attribution(model, streams, tasks, answers, scheme, image_lo, snapshots, [r["acc"] for r in rows],
                                 args.eval_batch_size)
     summary = summarize(rows, conflicts, attr)
-    timing = {"pretrain": pretrain_s, "train": train_sw.total, "eval": eval_sw.total,
-              "total": time.perf_counter() - t_start}
+    timing = run_timing(pretrain_s, train_sw, eval_sw, t_start)
     print_results(rows, tasks, summary, timing)
     res = assemble_results(args, model, trainable, rows, tasks, conflicts, attr, state, cache, base_sha1, summary,
                            timing, name if ckpt is None else os.path.basename(os.path.normpath(run_dir)), device)
