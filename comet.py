@@ -89,7 +89,7 @@ Deviations and assumptions (where the paper is silent, the choice is stated here
      (every step of stage k-1's training captions to its nearest end-of-stage code, eval mode), fixed at the start
      of stage k, chosen before any V<->A result: only this rule asks whether V1 holds
      a match without letting the live new codes decide. --pmr-assign union (nearest over [teacher ; new codes],
-     the previous default) and teacher (always the nearest teacher code) are the alternatives. The mediator
+     the rule of the first version) and teacher (always the nearest teacher code) are the alternatives. The mediator
      feature is the live one (the paper's "current B-modal sequence"); --pmr-mediator frozen uses a copy of
      Phi_text + adapter from the end of stage k-1. P gets its own CPC stream (6 cross terms at 1.0, 3 self at
      0.1); weight exp(-gamma) per sample on every term involving P, read at the predicted step t+1.
@@ -147,7 +147,7 @@ class Args:
     seed: int = 1
     """seed of the experiment (every generator is derived from it with common.derive_seed)"""
     torch_deterministic: bool = True
-    """if toggled, deterministic algorithms (cudnn and torch.use_deterministic_algorithms)"""
+    """if toggled, deterministic algorithms (cudnn; torch.use_deterministic_algorithms on CUDA, CPU already is)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False
@@ -596,7 +596,7 @@ def pseudo_modality(z_med, teacher, new_codes, new_weight: float, assign: str = 
     code; threshold: nearest teacher code if its squared distance <= tau, else nearest new code (without new codes:
     the teacher code at weight 0). Returns P [B, T, D], per-position weights (1 on teacher codes, exp(-gamma)
     otherwise) and the mask of positions on teacher codes."""
-    if assign == "union":  # today's rule: the new codes compete with the teacher
+    if assign == "union":  # --pmr-assign union: the new codes compete with the teacher
         U = torch.cat([teacher, new_codes])
         j = sq_dist(z_med, U).argmin(-1)
         P, old = U[j], j < len(teacher)
@@ -912,13 +912,13 @@ def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> D
         "va_f1": float(np.mean(list(last["loc"].values()))) if last["loc"] else None,
         "va_avg": va_avg(last),
         "vv_acc": last["cls"]["V->V"],
-        "vt_forgetting": (vt[vt_stage] - vt[-1]) if vt_stage and vt[-1] is not None else None,
+        "vt_forgetting": (vt[vt_stage] - vt[-1]) if vt_stage and vt and None not in (vt[vt_stage], vt[-1]) else None,
         "seen_forgetting": common.forgetting(M["ret_avg"]) if T > 1 and None not in M["ret_avg"][-1] else None,
     }
     summary.update({f"{p.lower()}_ret": last["ret"].get(p, {}).get("avg") for p in ("VT", "VA", "IA")})
     summary.update(last["diag"])
     summary.update({f"va_avg_s{k}": extra["downstream"]["va_avg"][k] for k in range(1, T + 1)})
-    xds = list(last.get("xds", {}).values())  # new keys: the AVE -> AVVP pair and the paper's six-number average
+    xds = list(last.get("xds", {}).values())  # the AVE -> AVVP pair
     summary["va_xds"] = float(np.mean(xds)) if xds else None
     summary["st_ret"] = last["ret"].get("ST", {}).get("avg")
     summary["va_avg6"] = va_avg6(last)
@@ -1171,8 +1171,8 @@ def main(args: Args) -> dict:
     res = common.results_envelope(script="comet", method=method, variant=variant, data=common.data_tag(args.data_dir),
                                   backbone=None, seed=args.seed, run_name=name, args=args, device=device, tasks=names,
                                   matrices=M, extra=extra, summary=summary, timing_s=run["time"])
-    print(f"summary: va_acc {summary['va_acc']:.1f}  va_f1 {summary['va_f1'] or 0:.1f}  VT forgetting "
-          f"{summary['vt_forgetting'] if summary['vt_forgetting'] is None else round(summary['vt_forgetting'], 1)}  "
+    shown = {k: "–" if summary[k] is None else f"{summary[k]:.1f}" for k in ("va_f1", "vt_forgetting")}
+    print(f"summary: va_acc {summary['va_acc']:.1f}  va_f1 {shown['va_f1']}  VT forgetting {shown['vt_forgetting']}  "
           f"train {run['time']['train']:.0f}s ({sum(run['steps'])} steps)")
     common.write_results(run_dir, res, series)  # a diverged or failed run leaves no results.json
     if args.plot:

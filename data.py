@@ -8,9 +8,9 @@ Contents (section: what -> used by)
     DNS:    DNS_* constants, parse_dns_steps, make_dns_benchmark, dns_modality_order,
             check_dns_arrays, load_dns_split (.npz), read_h5_rows, dns_h5_labels,
             load_dns_h5_split (official CMCL .h5), load_dns_features                   -> dns.py
-    COMET:  comet_pair_modalities, comet_world, comet_sample, comet_avvp_sample, comet_benchmark,
+    COMET:  comet_benchmark (built from comet_world, comet_sample, comet_avvp_sample),
             load_comet_npz                                                             -> comet.py
-    MoDE:   MODE_WORLDS, mode_sequences, make_mode_world, mode_multi_answer_world,
+    MoDE:   MODE_WORLDS, make_mode_world (built from mode_sequences), mode_multi_answer_world,
             mode_read_image, load_mode_dir, export_mode_world                          -> mode.py
 """
 
@@ -387,7 +387,7 @@ def comet_avvp_sample(world: dict, rng, y: np.ndarray, T: int, sty: float, noise
     steps), so each modality has its own step labels step_label_video / step_label_audio (-1 = background)."""
     n = len(y)
     inst = 0.5 * rng.standard_normal((n, 1, COMET_D_LAT))
-    length = rng.integers(2, 6, n)
+    length = rng.integers(2, min(6, T + 1), n)  # events of 2..5 steps, at most T
     start = rng.integers(0, T - length + 1)
     shift = rng.integers(-1, 2, n)
     t = np.arange(T)[None]
@@ -478,7 +478,7 @@ def load_comet_npz(data_dir: str, pairs: Sequence[str]) -> Dict[str, dict]:
     va_train's label space; needs va_train's step_label) is optional (the AVE -> AVVP localisation).
     Raises DataError naming the file and the problem."""
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: data directory not found")
+        raise DataError(f"{data_dir}: --data-dir is not a directory")
     dims, T, data = {}, None, {}
     names = [f"{p.lower()}_train" for p in pairs] + ["va_train", "va_test"]
     names += [n for n in ("vt_test", "at_test", "it_test", "st_test", "ia_test", "avvp_test")

@@ -75,7 +75,7 @@ class Args:
     seed: int = 1
     """seed of the experiment (every generator is derived from it with common.derive_seed)"""
     torch_deterministic: bool = True
-    """if toggled, deterministic algorithms (cudnn and torch.use_deterministic_algorithms)"""
+    """if toggled, deterministic algorithms (cudnn; torch.use_deterministic_algorithms on CUDA, CPU already is)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False

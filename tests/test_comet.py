@@ -536,6 +536,24 @@ def test_npz_roundtrip_gives_identical_results(tmp_path):
     assert r3["extra"]["train_steps"] == [0, 6]
 
 
+def test_npz_without_optional_vt_test_runs_and_reports_no_vt_forgetting(tmp_path):
+    dd = data.comet_benchmark(5, 40, 3, 8, 10)
+    dd.pop("vt_test")
+    write_npz(tmp_path / "feats", dd)
+    res = comet.main(tiny_args(tmp_path, "novt", seed=5, data_dir=str(tmp_path / "feats"), min_steps_per_stage=0))
+    assert res["summary"]["vt_forgetting"] is None and res["summary"]["vt_ret"] is None
+    assert res["summary"]["va_acc"] is not None and (tmp_path / "novt").exists()
+
+
+@pytest.mark.parametrize("T", [3, 4])
+def test_short_sequences_build_every_set(T):
+    dd = data.comet_benchmark(0, 40, 2, 8, T)
+    a = dd["avvp_test"]
+    for m in ("video", "audio"):  # one event of 2..T steps in every clip
+        n_event = (a[f"step_label_{m}"] >= 0).sum(1)
+        assert a[m].shape[1] == T and n_event.min() >= 2 and n_event.max() <= T
+
+
 def test_npz_speech_pair_and_avvp_test_roundtrip(tmp_path):
     dd = data.comet_benchmark(1, 40, 3, 8, 10, speech=True)
     write_npz(tmp_path / "feats", dd)
