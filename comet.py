@@ -47,7 +47,8 @@ Metrics (after every stage; row 0 = untrained model). Percent unless noted.
                (4 numbers, va_avg_s{k}: after stage k); va_avg6 = the paper's "Avg.", mean of cls, loc and xds
                (6 numbers, va_avg6_s{k})
     vt_forgetting  ret VT avg right after the VT stage - after the last stage
-    seen_forgetting  common.forgetting of the stage x stage seen-pair matrix (Chaudhry et al.)
+    seen_forgetting  common.forgetting of the stage x stage seen-pair matrix (Chaudhry et al.); seen_aia and
+               seen_fwt: its average incremental R-avg and forward transfer (common.py's docstring)
     multi_share share of all K codes used by >= 2 modalities (used = >= `use_threshold` of that modality's
                probe tokens); code_agree = % of va_test pairs whose most frequent video and audio codes
                are equal (CMG's equal_num); perplexity = exp(entropy of code usage) (not %);
@@ -914,6 +915,8 @@ def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> D
         "vv_acc": last["cls"]["V->V"],
         "vt_forgetting": (vt[vt_stage] - vt[-1]) if vt_stage and vt and None not in (vt[vt_stage], vt[-1]) else None,
         "seen_forgetting": common.forgetting(M["ret_avg"]) if T > 1 and None not in M["ret_avg"][-1] else None,
+        "seen_aia": common.average_incremental_accuracy(M["ret_avg"]),
+        "seen_fwt": common.forward_transfer(M["ret_avg"]),
     }
     summary.update({f"{p.lower()}_ret": last["ret"].get(p, {}).get("avg") for p in ("VT", "VA", "IA")})
     summary.update(last["diag"])

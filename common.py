@@ -9,6 +9,9 @@ are task-weighted: every entry counts once, whatever its number of test samples.
     final average  ACC  = mean_j R[T][j]
     backward transfer BWT = mean_{j < T-1} (R[T][j] - R[j+1][j])          (GEM; denominator = #entries)
     forgetting      F   = mean_{j < T-1} (max_{j+1 <= l <= T-1} R[l][j] - R[T][j])   (Chaudhry et al.)
+    average incremental accuracy AIA = mean_{k=1..T} mean_{j < k} R[k][j]         (over the trained entries)
+    forward transfer FWT = mean_{j >= 1} (R[j][j] - R[0][j])   (row 0, the untrained model, as the baseline;
+                      GEM uses a randomly initialised model instead)
     R@K (one query) = probability that the true partner is among the top K when ties are broken
                       uniformly at random = clip((K - g) / (e + 1), 0, 1), g = #candidates scored strictly
                       higher, e = #other candidates with exactly the same score.
@@ -423,6 +426,22 @@ def forgetting(R: Matrix) -> Optional[float]:
     T = len(R[0])
     js = _entries(R, exclude_last=True)
     vals = [max(R[l][j] for l in range(j + 1, T)) - R[-1][j] for j in js]
+    return float(np.mean(vals)) if vals else None
+
+
+def average_incremental_accuracy(R: Matrix) -> Optional[float]:
+    """AIA = mean over rows k = 1..T of the mean over trained entries j < k with a value of R[k][j]; None if none."""
+    _check_matrix(R, "average incremental accuracy")
+    rows = [[v for v in R[k][:k] if v is not None] for k in range(1, len(R))]
+    means = [float(np.mean(r)) for r in rows if r]
+    return float(np.mean(means)) if means else None
+
+
+def forward_transfer(R: Matrix) -> Optional[float]:
+    """FWT = mean over entries j >= 1 of R[j][j] - R[0][j] (score just before training on j minus row 0, the
+    untrained model; GEM's b_j is a random-init model instead); None if no entry has both values."""
+    _check_matrix(R, "forward transfer")
+    vals = [R[j][j] - R[0][j] for j in range(1, len(R[0])) if R[j][j] is not None and R[0][j] is not None]
     return float(np.mean(vals)) if vals else None
 
 

@@ -40,6 +40,8 @@ subsets of <= 1000 test pairs; ties count in expectation under random tie-breaki
     BWT_A   = mean_{j in Acc, j < T-1} (R_acc[T][j] - R_acc[j+1][j])
     R@K     = mean_{j in Recall} R_K[T][j]
     BWT_R10 = mean_{j in Recall, j < T-1} (R_10[T][j] - R_10[j+1][j])
+    aia_acc = mean_{k=1..T} mean_{j in Acc, j < k} R_acc[k][j]   (average incremental accuracy; not in the paper)
+    fwt_acc = mean_{j in Acc, j >= 1} (R_acc[j][j] - R_acc[0][j])  (forward transfer vs the backbone; not in the paper)
 All in percent; task-weighted (each entry counts once). stored_bytes = memory kept between steps (replay buffers
 counted as float32 copies of the stored features, DER's outputs, EWC's Fisher and anchors, DNS's float64 moments).
 
@@ -797,10 +799,12 @@ def fill_row(mats: Dict[str, list], k: int, row: List[dict]) -> None:
 
 
 def summarize(mats: Dict[str, list]) -> Dict[str, Optional[float]]:
-    """The paper's table columns (module docstring): Acc, BWT_A, R@1, R@5, R@10, BWT_R10."""
+    """The paper's table columns (module docstring): Acc, BWT_A, R@1, R@5, R@10, BWT_R10; then AIA and FWT of Acc."""
     return {"acc": common.final_average(mats["acc"]), "bwt_acc": common.backward_transfer(mats["acc"]),
             "r1": common.final_average(mats["r1"]), "r5": common.final_average(mats["r5"]),
-            "r10": common.final_average(mats["r10"]), "bwt_r10": common.backward_transfer(mats["r10"])}
+            "r10": common.final_average(mats["r10"]), "bwt_r10": common.backward_transfer(mats["r10"]),
+            "aia_acc": common.average_incremental_accuracy(mats["acc"]),
+            "fwt_acc": common.forward_transfer(mats["acc"])}
 
 
 def row_means(mats: Dict[str, list], k: int) -> Dict[str, Optional[float]]:

@@ -45,6 +45,7 @@ are the same formulas on R_open):
     acc         ACC = mean_j R[T][j]                                      (final average accuracy)
     bwt         BWT = mean_{j<T-1} (R[T][j] - R[j+1][j])                  (intra-modal, GEM)
     forgetting  F   = mean_{j<T-1} (max_{j+1<=l<=T-1} R[l][j] - R[T][j])  (intra-modal, Chaudhry)
+    aia, fwt    AIA = mean_{k=1..T} mean_{j<k} R[k][j]; FWT = mean_{j>=1} (R[j][j] - R[0][j]) (vs the pre-trained)
     gen_nll     teacher-forced NLL (nats/code) of held-out reference image codes given the prompt
     gen_match   exact-attribute match: share of sampled images (temperature 1, the same Gumbel noise at
                 every row) that are well-formed (one background code, one colour code, colour cells = one
@@ -1590,6 +1591,8 @@ def summarize(rows: List[dict], conflicts: list, attr: dict) -> Dict[str, Option
             s[f"acc{kind}{suffix}"] = common.final_average(R)
             s[f"bwt{kind}{suffix}"] = common.backward_transfer(R)
             s[f"forgetting{kind}{suffix}"] = common.forgetting(R)
+            s[f"aia{kind}{suffix}"] = common.average_incremental_accuracy(R)
+            s[f"fwt{kind}{suffix}"] = common.forward_transfer(R)
     gm, gn = [r["gen_match"] for r in rows], [r["gen_nll"] for r in rows]
     drops = None if gm[0] is None else [100.0 * (gm[0] - v) for v in gm[1:]]
     s |= {"gen_drop": drops[-1] if drops else None, "gen_drop_max": max(drops) if drops else None,

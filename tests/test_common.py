@@ -39,6 +39,21 @@ def test_forgetting_is_negative_with_positive_backward_transfer():
     assert common.backward_transfer(up) == pytest.approx(10.0)
 
 
+def test_average_incremental_accuracy_over_trained_entries_of_each_row():
+    # row 1: {50} ; row 2: {40, 60} ; row 3: {45, 55} (entry 2 n/a) ; row 4: {30, 50, 70}
+    assert common.average_incremental_accuracy(R) == pytest.approx((50 + 50 + 50 + 50) / 4)
+    assert common.average_incremental_accuracy([[1.0, 2.0], [3.0, 4.0], [5.0, 8.0]]) == pytest.approx((3 + 6.5) / 2)
+
+
+def test_forward_transfer_is_before_training_minus_row_zero():
+    # j=1: R[1][1] - R[0][1] = 25-20 = 5 ; j=2: n/a ; j=3: R[3][3] - R[0][3] = 8-5 = 3 ; j=0 has no "before"
+    assert common.forward_transfer(R) == pytest.approx(4.0)
+    assert common.forward_transfer([[None, 1.0], [2.0, 3.0], [4.0, 5.0]]) == pytest.approx(2.0)
+    assert common.forward_transfer([[1.0], [2.0]]) is None  # one entry: nothing before its training
+    with pytest.raises(ValueError, match="forward transfer"):
+        common.forward_transfer([[1.0, float("nan")], [2.0, 3.0], [4.0, 5.0]])
+
+
 def test_recall_at_k_hand_computed_with_ties():
     s = torch.tensor([
         [0.9, 0.1, 0.2, 0.3],  # true best: rank 1

@@ -204,7 +204,10 @@ def test_results_envelope_and_row0_is_the_untrained_backbone(e2e):
     assert set(r) == ENVELOPE and r["schema"] == 1 and r["script"] == "dns" and r["rows"] == ["init"] + r["tasks"]
     assert (r["method"], r["variant"], r["data"], r["backbone"]) == ("dns", "steps=" + " ".join(E2E["steps"]),
                                                                       "builtin", "languagebind")
-    assert T == 5 and set(r["summary"]) == {"acc", "bwt_acc", "r1", "r5", "r10", "bwt_r10", "stored_bytes"}
+    assert T == 5 and set(r["summary"]) == {"acc", "bwt_acc", "r1", "r5", "r10", "bwt_r10", "aia_acc", "fwt_acc",
+                                            "stored_bytes"}
+    for key, fn in (("aia_acc", common.average_incremental_accuracy), ("fwt_acc", common.forward_transfer)):
+        assert r["summary"][key] == fn(r["matrices"]["acc"])
     assert all(v is None or isinstance(v, (int, float)) for v in r["summary"].values())
     for key, R in r["matrices"].items():
         assert len(R) == T + 1 and all(len(row) == T for row in R)

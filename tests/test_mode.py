@@ -370,6 +370,8 @@ def test_end_to_end_results_envelope(e2e):
                for R in r["matrices"].values())
     assert all(v is None or type(v) in (int, float) for v in r["summary"].values())
     assert {"acc", "bwt", "forgetting_official_routing", "gen_drop", "gen_drop_max", "grad_cos"} <= set(r["summary"])
+    assert r["summary"]["fwt_official_routing"] == common.forward_transfer(r["matrices"]["acc_official_routing"])
+    assert r["summary"]["aia_open"] == common.average_incremental_accuracy(r["matrices"]["acc_open"])
     assert {"gen_nll", "gen_match", "grad_conflict", "scheme", "trainable_params"} <= set(r["extra"])
     assert set(r["timing_s"]) == {"pretrain", "train", "eval", "total"}
     assert out["nokd"]["timing_s"]["pretrain"] == 0.0  # loaded from the cache of the first run
