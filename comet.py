@@ -900,10 +900,10 @@ def build_results(evals: List[dict], stages: List[List[str]]):
     series.update({"cls_acc": down["cls_acc"], "loc_f1": down["loc_f1"], "va_avg": {"V<->A": down["va_avg"]}})
     series.update({"xds_f1": down["xds_f1"], "va_avg6": {"V<->A": down["va_avg6"]}})
     series.update({k: {"all": v} for k, v in extra["diagnostics"].items()})
-    return M, extra, make_summary(evals, M, names, extra), series
+    return M, extra, summarize(evals, M, names, extra), series
 
 
-def make_summary(evals: List[dict], M: dict, names: List[str], extra: dict) -> Dict[str, Optional[float]]:
+def summarize(evals: List[dict], M: dict, names: List[str], extra: dict) -> Dict[str, Optional[float]]:
     """Flat {name: number or null}: final V<->A transfer, forgetting, retrieval, diagnostics, va_avg per stage."""
     last, T = evals[-1], len(names)
     vt = extra["retrieval"].get("VT", {}).get("avg")
@@ -1088,8 +1088,8 @@ def update_fisher(model: CometModel, args: Args, train_pair: Dict[str, torch.Ten
     run["star"] = {n: p.detach().clone() for n, p in ewc_named(model).items()}
 
 
-def save_state(run_dir: str, args: Args, k: int, T: int, model: CometModel, club_opt, run: dict, name: str,
-               gens: dict, task: str) -> None:
+def save_after_stage(run_dir: str, args: Args, k: int, T: int, model: CometModel, club_opt, run: dict, name: str,
+                     gens: dict, task: str) -> None:
     """After stage k: checkpoint.pt (model with its codebook, EWC state, CLUB optimizer, RNGs, rows so far);
     --save-model also writes model_after_{task}.pt."""
     if args.save_model:
@@ -1100,7 +1100,7 @@ def save_state(run_dir: str, args: Args, k: int, T: int, model: CometModel, club
     common.save_checkpoint(run_dir, "comet", args, k, T, state)
 
 
-def load_state(ckpt: dict, model: CometModel, club_opt, gens: dict, device) -> dict:
+def restore(ckpt: dict, model: CometModel, club_opt, gens: dict, device) -> dict:
     """Resume: codebook resized to the stored shapes, model, CLUB optimizer, rows; every RNG restored last."""
     model.codebook.resize_like(ckpt["model"])
     model.load_state_dict(ckpt["model"])
@@ -1137,7 +1137,7 @@ def main(args: Args) -> dict:
     run = {"fisher": {}, "star": {}, "evals": [], "steps": [0], "time": {"train": 0.0, "eval": 0.0, "total": 0.0},
            **{key: [None] for key in PMR_LOGS + ("pmr_tau",)}}
     if ckpt:  # --resume: everything as a fresh run builds it, then the stored state, RNGs last
-        name, run = ckpt["run_name"], load_state(ckpt, model, club_opt, gens, device)
+        name, run = ckpt["run_name"], restore(ckpt, model, club_opt, gens, device)
     else:
         run["evals"].append(evaluate(model, args, dd, "row 0 (init)"))
         common.log_scalars(loggers, row_scalars(run["evals"][0]), 0)
@@ -1165,7 +1165,7 @@ def main(args: Args) -> dict:
         print(f"--- after stage {k + 1} ({names[k]}), codes {model.codebook.embed.shape[0]}:")
         print(stage_table(run["evals"], ["init"] + [f"after {n}" for n in names]))
         common.log_scalars(loggers, row_scalars(run["evals"][-1]), sum(plan[: k + 1]))
-        save_state(run_dir, args, k + 1, T, model, club_opt, run, name, gens, names[k])
+        save_after_stage(run_dir, args, k + 1, T, model, club_opt, run, name, gens, names[k])
 
     M, extra, summary, series = build_results(run["evals"], stages)
     extra["train_steps"] = run["steps"]
