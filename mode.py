@@ -68,7 +68,7 @@ first error, under the same text mask and routing); it is kept as the paper's pr
 stays closed-set single-token (--answers single, the default), decided before any comparison: it is the only
 scoring here that does not saturate (open forgetting is 84-93 points for every method, closed-set 50-60), it
 separates the old skill from the last task's answer-type prior that no compared method claims to address, and
-it has the seed history of the primary arms; exact match is reported as a secondary endpoint.
+it has the seed history of the primary arms; exact match is logged as a secondary measure (no seed sweep uses it).
 Every row is scored under two routings without retraining: E1 = the true token modality (the paper's design,
 the headline: acc*, bwt*, forgetting*) and E2 = every token to the text experts, as the official evaluation
 code does (the same keys with the suffix _official_routing). Without routing (seq-lora, moe-lora) E1 = E2.
